@@ -1,0 +1,1 @@
+"""``chat-admin``: operators see and steer the cluster through Redis."""

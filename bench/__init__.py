@@ -1,0 +1,1 @@
+"""The project's load generator and benchmark: ``python -m bench --help``."""

@@ -1,0 +1,175 @@
+"""A lean chat client for load: one asyncio.Protocol per connection, no task per client.
+
+Senders stamp each message ``SENDER:SEQ:MONOTONIC_NS``; every receiver (the sender
+included) measures end-to-end latency on arrival and checks each sender's sequence, so a
+run reports latency, loss, duplicates and order violations for every delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import cast
+
+
+@dataclass
+class Stats:
+    """What all receivers saw, pooled (one object, so a delivery costs a few attribute ops)."""
+
+    latencies_us: array[int] = field(default_factory=lambda: array("Q"))
+    deliveries: int = 0
+    duplicates_or_reordered: int = 0
+    notices: int = 0
+    recording: bool = True
+    #: Set once ``deliveries`` reaches ``target``.
+    target: int = 0
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def reset(self) -> None:
+        self.latencies_us = array("Q")
+        self.deliveries = self.duplicates_or_reordered = self.notices = 0
+        self.target = 0
+        self.reached.clear()
+
+
+class LoadClient(asyncio.Protocol):
+    """One benchmark connection: logs in, then counts and checks every line it receives."""
+
+    __slots__ = ("_buffer", "_last", "name", "stats", "transport", "welcomed")
+
+    def __init__(self, name: str, stats: Stats, senders: int) -> None:
+        self.name = name.encode()
+        self.stats = stats
+        self._buffer = b""
+        self._last = [-1] * senders  # last sequence number seen from each sender
+        self.transport: asyncio.Transport | None = None
+        self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Any transport with the Transport methods will do (uvloop's is no subclass).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        now_us = time.monotonic_ns() // 1000
+        stats = self.stats
+        last = self._last
+        record = stats.latencies_us.append if stats.recording else None
+        for line in lines:
+            head, sep, body = line.partition(b": ")
+            if not sep or head[:1] in (b"*", b"!"):
+                self._notice(line)
+                continue
+            sender, seq, stamp = body.split(b":")
+            s, q = int(sender), int(seq)
+            if q > last[s]:
+                last[s] = q
+            else:
+                stats.duplicates_or_reordered += 1
+            stats.deliveries += 1
+            if record is not None:
+                record(now_us - int(stamp) // 1000)
+        if stats.target and stats.deliveries >= stats.target:
+            stats.reached.set()
+
+    def _notice(self, line: bytes) -> None:
+        self.stats.notices += 1
+        if not self.welcomed.done():
+            if line.startswith(b"* Choose a name:"):
+                assert self.transport is not None
+                self.transport.write(self.name + b"\n")
+            elif line.startswith(b"* Welcome"):
+                self.welcomed.set_result(None)
+            elif line.startswith(b"!"):
+                self.welcomed.set_exception(RuntimeError(line.decode(errors="replace")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError(f"{self.name!r} lost: {exc}"))
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+async def connect_all(
+    addresses: list[tuple[str, int]],
+    count: int,
+    stats: Stats,
+    senders: int,
+    prefix: str,
+    concurrency: int = 200,
+) -> list[LoadClient]:
+    """``count`` logged-in clients spread round-robin over ``addresses``."""
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(concurrency)
+    clients: list[LoadClient] = []
+
+    failures: list[str] = []
+
+    async def one(index: int) -> None:
+        host, port = addresses[index % len(addresses)]
+        async with gate:
+            client = LoadClient(f"{prefix}{index}", stats, senders)
+            try:
+                await loop.create_connection(lambda: client, host, port)
+                await asyncio.wait_for(client.welcomed, 30)
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                failures.append(str(exc) or type(exc).__name__)
+                if client.transport is not None:
+                    client.transport.close()
+                return
+            clients.append(client)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    if failures:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.close()
+        raise LoginFailed(len(failures), count, failures[0])
+    return clients
+
+
+class LoginFailed(Exception):
+    """Some benchmark clients could not log in: the run is void."""
+
+    def __init__(self, failed: int, total: int, first: str) -> None:
+        super().__init__(f"{failed} of {total} clients could not log in (first: {first})")
+
+
+class Senders:
+    """Paced senders: every tick, each sender writes the messages now due at its rate.
+
+    Senders are out of phase with each other (sender s of S starts s/S of a period late),
+    as independent people are: in step, they would send in bursts, and every receiver
+    would measure its own queueing of each burst as latency.
+    """
+
+    TICK = 0.002
+
+    def __init__(self, clients: list[LoadClient]) -> None:
+        self.clients = clients
+        #: Sequence numbers go on across runs, so receivers' order checks stay valid.
+        self.sent = [0] * len(clients)
+
+    async def run(self, rate: float, duration: float) -> int:
+        """Send ``rate`` messages a second per sender for ``duration`` seconds; returns
+        how many were sent."""
+        start = time.monotonic()
+        end = start + duration
+        first = list(self.sent)
+        phase = [s / len(self.clients) for s in range(len(self.clients))]
+        while (now := time.monotonic()) < end:
+            stamp = time.monotonic_ns()
+            elapsed = (now - start) * rate
+            for s, client in enumerate(self.clients):
+                due = first[s] + int(elapsed + 1 - phase[s])
+                seq = self.sent[s]
+                if seq < due:
+                    client.send(b"".join(f"{s}:{q}:{stamp}\n".encode() for q in range(seq, due)))
+                    self.sent[s] = due
+            await asyncio.sleep(self.TICK)
+        return sum(self.sent) - sum(first)

@@ -1,0 +1,188 @@
+"""The benchmark's workloads: fixed rate, saturation, idle connections."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.load import LoadClient, Senders, Stats, connect_all
+from bench.procs import Cluster, rss_bytes, self_cpu_seconds
+
+#: Seconds to wait, after the last message was sent, for the last deliveries.
+DRAIN_TIMEOUT = 5.0
+
+
+def percentile(sorted_values: list[int], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[index] / 1000.0  # microseconds -> milliseconds
+
+
+@dataclass
+class Run:
+    """One measured interval's figures."""
+
+    name: str
+    clients: int
+    senders: int
+    offered_msgs_per_s: float
+    sent: int
+    expected_deliveries: int
+    deliveries: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    lost: int
+    duplicates_or_reordered: int
+    cpu_seconds: dict[str, float]
+
+    @property
+    def deliveries_per_s(self) -> float:
+        return self.deliveries / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["deliveries_per_s"] = round(self.deliveries_per_s)
+        return out
+
+
+async def _measure(
+    name: str,
+    cluster: Cluster,
+    clients: list[LoadClient],
+    pacer: Senders,
+    stats: Stats,
+    rate: float,
+    duration: float,
+) -> Run:
+    stats.reset()
+    before = cluster.cpu() | {"generator": self_cpu_seconds()}
+    started = time.monotonic()
+    sent = await pacer.run(rate, duration)
+    expected = sent * len(clients)
+    stats.target = expected
+    if stats.deliveries >= expected:
+        stats.reached.set()
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await stats.reached.wait()
+    except TimeoutError:
+        pass  # what did not arrive by now counts as lost
+    elapsed = time.monotonic() - started
+    after = cluster.cpu() | {"generator": self_cpu_seconds()}
+    latencies = sorted(stats.latencies_us)
+    return Run(
+        name=name,
+        clients=len(clients),
+        senders=len(pacer.clients),
+        offered_msgs_per_s=rate * len(pacer.clients),
+        sent=sent,
+        expected_deliveries=expected,
+        deliveries=stats.deliveries,
+        seconds=round(elapsed, 2),
+        p50_ms=percentile(latencies, 50),
+        p90_ms=percentile(latencies, 90),
+        p99_ms=percentile(latencies, 99),
+        max_ms=latencies[-1] / 1000.0 if latencies else float("nan"),
+        lost=max(0, expected - stats.deliveries + stats.duplicates_or_reordered),
+        duplicates_or_reordered=stats.duplicates_or_reordered,
+        cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
+    )
+
+
+async def fixed(cluster: Cluster, clients: int, senders: int, rate: float, duration: float) -> Run:
+    """N clients, S senders x R messages/s for D seconds."""
+    stats = Stats()
+    pool = await connect_all(cluster.gateways, clients, stats, senders, "f")
+    try:
+        await asyncio.sleep(0.5)  # let the join notices of the last logins pass
+        pacer = Senders(pool[:senders])
+        return await _measure("fixed", cluster, pool, pacer, stats, rate, duration)
+    finally:
+        for client in pool:
+            if client.transport is not None:
+                client.transport.close()
+
+
+async def saturation(
+    cluster: Cluster,
+    clients: int,
+    senders: int,
+    start_rate: float,
+    factor: float,
+    steps: int,
+    step_seconds: float,
+    max_p99_ms: float = 100.0,
+) -> tuple[list[Run], Run | None]:
+    """Step the offered rate up until loss appears or p99 passes ``max_p99_ms``; the best
+    step without either is the sustainable rate."""
+    stats = Stats()
+    pool = await connect_all(cluster.gateways, clients, stats, senders, "s")
+    runs: list[Run] = []
+    best: Run | None = None
+    try:
+        await asyncio.sleep(0.5)
+        pacer = Senders(pool[:senders])
+        rate = start_rate
+        for step in range(steps):
+            run = await _measure(
+                f"step {step + 1}", cluster, pool, pacer, stats, rate, step_seconds
+            )
+            runs.append(run)
+            if run.lost or run.duplicates_or_reordered or run.p99_ms > max_p99_ms:
+                break
+            if run.sent < 0.9 * rate * len(pacer.clients) * step_seconds:
+                break  # the generator could not offer the rate: it is the bottleneck
+            if best is None or run.deliveries_per_s > best.deliveries_per_s:
+                best = run
+            rate *= factor
+            await asyncio.sleep(1.0)  # let queues empty between steps
+    finally:
+        for client in pool:
+            if client.transport is not None:
+                client.transport.close()
+    return runs, best
+
+
+@dataclass
+class IdleRun:
+    connections: int
+    seconds_to_register: float
+    rss_before: int
+    rss_after: int
+
+    @property
+    def bytes_per_connection(self) -> float:
+        return (self.rss_after - self.rss_before) / self.connections
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["kib_per_connection"] = round(self.bytes_per_connection / 1024, 2)
+        return out
+
+
+async def idle(cluster: Cluster, connections: int) -> IdleRun:
+    """K registered idle clients on the first gateway: memory per connection, time to
+    register them all."""
+    stats = Stats()
+    stats.recording = False
+    pid = cluster.pids.get("gateway 1")
+    before = rss_bytes(pid) if pid else 0
+    started = time.monotonic()
+    try:
+        pool = await connect_all(cluster.gateways[:1], connections, stats, 1, "i", concurrency=500)
+    except Exception:
+        print(cluster.log_tail())
+        raise
+    took = time.monotonic() - started
+    await asyncio.sleep(1.0)  # let the notices of the last joins settle
+    after = rss_bytes(pid) if pid else 0
+    for client in pool:
+        if client.transport is not None:
+            client.transport.close()
+    return IdleRun(connections, round(took, 2), before, after)

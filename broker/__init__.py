@@ -1,0 +1,49 @@
+"""Everything that talks to Redis: the room bus, presence, gateway liveness.
+
+The rest of the service sees this narrow interface only; key names live in
+:mod:`broker.keys`, multi-key updates in the Lua scripts of :mod:`broker.scripts`.
+"""
+
+from __future__ import annotations
+
+from broker.errors import BrokerError, BrokerUnavailable, EventDecodeError, GatewayIdInUse
+from broker.events import (
+    Announcement,
+    ChatMessage,
+    RoomEvent,
+    UserJoined,
+    UserKicked,
+    UserLeft,
+    stream_id_key,
+)
+from broker.redis_broker import Claim, GatewayRecord, Kick, Presence, RedisBroker, redact_url
+
+
+def connect(url: str | None) -> RedisBroker:
+    """The broker at ``url``, or an embedded in-process one when ``url`` is None or empty.
+
+    Nothing is contacted yet: the first operation connects.
+    """
+    return RedisBroker.from_url(url) if url else RedisBroker.embedded()
+
+
+__all__ = [
+    "Announcement",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ChatMessage",
+    "Claim",
+    "EventDecodeError",
+    "GatewayIdInUse",
+    "GatewayRecord",
+    "Kick",
+    "Presence",
+    "RedisBroker",
+    "RoomEvent",
+    "UserJoined",
+    "UserKicked",
+    "UserLeft",
+    "connect",
+    "redact_url",
+    "stream_id_key",
+]

@@ -1,0 +1,1 @@
+"""``chat-client``: the terminal program people chat with."""

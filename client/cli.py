@@ -1,0 +1,93 @@
+"""``chat-client``: chat from a terminal, or from a script through a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from client.errors import ConnectFailed, NameRefused
+from client.pipe import PipeUI
+from client.session import UI, ChatSession
+
+#: Exit statuses a script can tell apart.
+EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NAME_REFUSED = 0, 1, 2, 3
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--host",
+    envvar="CHAT_HOST",
+    show_envvar=True,
+    default="localhost",
+    help="The gateway, or the load balancer in front of several.",
+)
+@click.option(
+    "--port",
+    envvar="CHAT_PORT",
+    show_envvar=True,
+    default=5555,
+    type=click.IntRange(1, 65535),
+    help="Its TCP port.",
+)
+@click.option(
+    "--name",
+    envvar="CHAT_NAME",
+    show_envvar=True,
+    default=None,
+    help="Your name in the chat; asked for when absent (in a pipe: the first line of input).",
+)
+@click.option(
+    "--give-up-after",
+    default=300.0,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Stop trying to reconnect after this long.",
+)
+@click.version_option(package_name="chat-service")
+def cli(host: str, port: int, name: str | None, give_up_after: float) -> None:
+    """Chat in the room served at HOST:PORT.
+
+    On a terminal: type a line and press Enter to send it; the arrow keys recall earlier
+    lines; sair, /quit, Ctrl-D or Ctrl-C leave. If the connection drops the client
+    reconnects by itself and logs in again under the same name.
+
+    In a pipe (stdin not a terminal): each input line is sent, each server line is
+    printed unchanged, and at the end of input the client waits for the room's answers,
+    leaves and exits 0. Exit status 1: the gateway could not be reached; 3: the name was
+    refused (the reason is on stderr).
+    """
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    ui: UI
+    if interactive:
+        from client.terminal import TerminalUI  # prompt_toolkit only where it is needed
+
+        ui = TerminalUI()
+    else:
+        ui = PipeUI()
+    session = ChatSession(host, port, name, ui, interactive=interactive,
+                          give_up_after=give_up_after)  # fmt: skip
+    try:
+        sys.exit(asyncio.run(session.run()))
+    except ConnectFailed as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    except NameRefused as exc:
+        fail(f"name refused: {exc}", EXIT_NAME_REFUSED)
+
+
+def fail(message: str, status: int) -> None:
+    click.echo(f"chat-client: {message}", err=True)
+    sys.exit(status)
+
+
+def main() -> None:
+    """Entry point: every failure is one line on stderr, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), EXIT_USAGE)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(130)

@@ -1,0 +1,91 @@
+"""One TCP connection to a gateway: the thin asyncio layer under :class:`ClientProtocol`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+from client.errors import ConnectFailed
+from client.protocol import ClientProtocol, Event
+
+#: Seconds to wait for a TCP connection before calling the gateway unreachable.
+CONNECT_TIMEOUT = 10.0
+#: Keepalive: probe after 30 s idle, every 10 s, give up after 3 misses, so a vanished
+#: gateway or a dead network path is noticed in about a minute even when the chat is quiet.
+KEEPALIVE = (30, 10, 3)
+
+
+def _keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, count = KEEPALIVE
+    for option, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", count),
+    ):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+async def connect(host: str, port: int, connect_timeout: float = CONNECT_TIMEOUT) -> Connection:
+    """Connect to ``host:port``; :class:`ConnectFailed` says why not, in one line."""
+    where = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(connect_timeout):
+            reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+    except socket.gaierror as exc:
+        raise ConnectFailed(f"cannot find host {host!r}: {exc.strerror}") from None
+    except ConnectionRefusedError:
+        raise ConnectFailed(f"connection refused by {where}: is a gateway running there?") from None
+    except TimeoutError:
+        raise ConnectFailed(f"no answer from {where} within {connect_timeout:.0f}s") from None
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to {where}: {exc.strerror or exc}") from None
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        _keepalive(sock)
+    return Connection(reader, writer)
+
+
+class Connection:
+    """Reads server events and writes the protocol's output."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.protocol = ClientProtocol()
+        self._reader = reader
+        self._writer = writer
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Server events until the connection ends (a reset counts as an end)."""
+        while True:
+            try:
+                data = await self._reader.read(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                for event in self.protocol.receive_eof():
+                    yield event
+                return
+            for event in self.protocol.receive_data(data):
+                yield event
+
+    def send_name(self, name: str) -> None:
+        self.protocol.send_name(name)
+        self._flush()
+
+    def send_line(self, line: str) -> None:
+        self.protocol.send_line(line)
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(self.protocol.data_to_send())
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            async with asyncio.timeout(1):
+                await self._writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass

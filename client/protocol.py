@@ -1,0 +1,202 @@
+"""The chat line protocol, client side, as a pure state machine: bytes in, events out.
+
+It frames what the server sends into lines, tells chat lines, notices and errors apart,
+and follows the login (prompt, name, welcome or refusal) so the I/O layer only reacts.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from gateway.errors import LocalProtocolError
+from gateway.lines import MAX_LINE_BYTES, LineBuffer, TooLong, strip_controls
+from gateway.protocol import PROMPT, QUIT_WORDS, notice_line
+
+#: Longest server line accepted: a chat line is a name, ": " and a client line of at most
+#: MAX_LINE_BYTES; twice that leaves room for any prefix while still bounding memory.
+MAX_SERVER_LINE_BYTES = 2 * MAX_LINE_BYTES
+
+PROMPT_LINE = notice_line(PROMPT).decode().rstrip("\n")
+_WELCOME = re.compile(r"^\* Welcome, (?P<name>.+?)! (?P<online>\d+) users? online\.")
+_USERS_HEADER = re.compile(r"^\* \d+ users? online:$")
+
+
+class Kind(enum.Enum):
+    CHAT = "chat"  # NAME: TEXT
+    NOTICE = "notice"  # * TEXT
+    ERROR = "error"  # ! TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLine:
+    """One line from the server, classified. ``name`` is the sender of a chat line."""
+
+    raw: str
+    kind: Kind
+    text: str
+    name: str | None = None
+
+
+def classify(raw: str) -> ServerLine:
+    if raw.startswith("* "):
+        return ServerLine(raw, Kind.NOTICE, raw[2:])
+    if raw.startswith("! "):
+        return ServerLine(raw, Kind.ERROR, raw[2:])
+    name, sep, text = raw.partition(": ")
+    if sep and name and " " not in name:
+        return ServerLine(raw, Kind.CHAT, text, name)
+    return ServerLine(raw, Kind.NOTICE, raw)  # not ours to judge: show it as it came
+
+
+def is_quit(line: str) -> bool:
+    """Whether the gateway will take ``line`` as leaving (same rules as the server)."""
+    words = strip_controls(line).split()
+    return bool(words) and (" ".join(words).lower() in QUIT_WORDS or words[0].lower() == "/quit")
+
+
+def expects_answer(line: str) -> bool:
+    """Whether the server will answer ``line`` through the room (an echo of a message, or
+    the user list) rather than at once: what a pipe must wait for before quitting."""
+    word = strip_controls(line).strip()
+    if not word or len(line.encode()) > MAX_LINE_BYTES:
+        return False  # ignored, or refused at once: nothing comes through the room
+    if word.startswith("/") and not word.startswith("//"):
+        return word.split(maxsplit=1)[0].lower() == "/who"
+    return True
+
+
+def _one_line(line: str) -> str:
+    # One line per call: a stray newline would be a second message.
+    return line.replace("\r", " ").replace("\n", " ")
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prompted:
+    """The server asks for a name."""
+
+    line: ServerLine
+
+
+@dataclass(frozen=True, slots=True)
+class Welcomed:
+    """The name was accepted."""
+
+    name: str
+    online: int
+    line: ServerLine
+
+
+@dataclass(frozen=True, slots=True)
+class NameRefused:
+    """The name was refused; ``line.text`` is the server's reason."""
+
+    line: ServerLine
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """Any other line from the server."""
+
+    line: ServerLine
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The server closed the connection."""
+
+
+Event = Prompted | Welcomed | NameRefused | Received | Closed
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"  # waiting for the prompt
+    NAMING = "naming"  # prompted; our name not sent yet
+    CLAIMING = "claiming"  # name sent; waiting for the verdict
+    CHATTING = "chatting"
+    CLOSED = "closed"
+
+
+class ClientProtocol:
+    """One connection's client-side protocol state."""
+
+    __slots__ = ("_lines", "_outbox", "_state", "answers_due", "name")
+
+    def __init__(self) -> None:
+        self._lines = LineBuffer(MAX_SERVER_LINE_BYTES)
+        self._state = State.CONNECTED
+        self._outbox = bytearray()
+        self.name: str | None = None
+        #: Lines sent that the server will answer through the room, not yet answered.
+        self.answers_due = 0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the server; return the events they complete."""
+        self._lines.feed(data)
+        events: list[Event] = []
+        while (item := self._lines.next_line()) is not None:
+            if not isinstance(item, TooLong):  # a broken server; skip what cannot be shown
+                events.append(self._interpret(item))
+        return events
+
+    def receive_eof(self) -> list[Event]:
+        events: list[Event] = []
+        last = self._lines.finish()
+        if isinstance(last, str):
+            events.append(self._interpret(last))
+        self._state = State.CLOSED
+        events.append(Closed())
+        return events
+
+    def send_name(self, name: str) -> None:
+        if self._state is not State.NAMING:
+            raise LocalProtocolError(f"cannot send a name while {self._state.value}")
+        self._state = State.CLAIMING
+        self._write(name)
+
+    def send_line(self, line: str) -> None:
+        """Send a chat line or command; counts what the server will answer later."""
+        if self._state is not State.CHATTING:
+            raise LocalProtocolError(f"cannot chat while {self._state.value}")
+        line = _one_line(line)
+        if expects_answer(line):
+            self.answers_due += 1
+        self._write(line)
+
+    def data_to_send(self) -> bytes:
+        data, self._outbox = bytes(self._outbox), bytearray()
+        return data
+
+    def _write(self, line: str) -> None:
+        self._outbox += _one_line(line).encode() + b"\n"
+
+    def _interpret(self, raw: str) -> Event:
+        line = classify(raw)
+        if raw == PROMPT_LINE and self._state in (State.CONNECTED, State.CLAIMING):
+            self._state = State.NAMING
+            return Prompted(line)
+        if self._state is State.CLAIMING:
+            if line.kind is Kind.ERROR:
+                return NameRefused(line)
+            if m := _WELCOME.match(raw):
+                self._state = State.CHATTING
+                self.name = m.group("name")
+                return Welcomed(self.name, int(m.group("online")), line)
+        if self._state is State.CHATTING and self.answers_due and self._answers(line):
+            self.answers_due -= 1
+        return Received(line)
+
+    def _answers(self, line: ServerLine) -> bool:
+        if line.kind is Kind.ERROR:
+            return line.text.startswith("not delivered")
+        if line.kind is Kind.CHAT:
+            return line.name == self.name
+        return bool(_USERS_HEADER.match(line.raw))

@@ -1,0 +1,1 @@
+"""Stateless TCP chat gateways: accept line-protocol clients and relay one room through a broker."""

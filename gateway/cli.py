@@ -1,0 +1,217 @@
+"""``chat-gateway``: run one gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import click
+
+from broker import BrokerError, connect
+from gateway.config import GatewayConfig
+from gateway.errors import StartupError
+from gateway.server import Gateway
+
+log = logging.getLogger("gateway")
+
+
+def configure_logging(level: str, gateway_id: str) -> None:
+    """One line per event on stderr, each naming the gateway (several share a terminal)."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{gateway_id}] %(name)s: %(message)s",
+    )
+
+
+def _keepalive(value: str) -> tuple[int, int, int]:
+    try:
+        idle, interval, count = (int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected three whole numbers: IDLE,INTERVAL,COUNT") from None
+    if min(idle, interval, count) < 1:
+        raise click.BadParameter("each of IDLE,INTERVAL,COUNT must be at least 1")
+    return idle, interval, count
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (faster I/O for many sockets), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Run a gateway until SIGTERM or SIGINT, then drain it."""
+    broker = connect(config.redis_url)
+    if not config.redis_url:
+        log.info(
+            "no Redis configured (--redis-url or REDIS_URL): running alone on the embedded "
+            "in-process broker"
+        )
+    gateway = Gateway(config, broker)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.request_stop)
+    await gateway.run()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--host", envvar="CHAT_HOST", show_envvar=True, default="0.0.0.0", help="Address to listen on."
+)
+@click.option(
+    "--port",
+    envvar="CHAT_PORT",
+    show_envvar=True,
+    default=5555,
+    type=click.IntRange(0, 65535),
+    help="TCP port to listen on (0: any free port).",
+)
+@click.option(
+    "--redis-url",
+    envvar="REDIS_URL",
+    show_envvar=True,
+    default=None,
+    help="Redis to share the room through, e.g. redis://:PASSWORD@host:6379/0. "
+    "Without it the gateway runs alone on an embedded in-process broker.",
+)
+@click.option(
+    "--gateway-id",
+    envvar="CHAT_GATEWAY_ID",
+    show_envvar=True,
+    default=None,
+    help="This gateway's id in the cluster.  [default: HOSTNAME-PID]",
+)
+@click.option(
+    "--health-port",
+    envvar="CHAT_HEALTH_PORT",
+    show_envvar=True,
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve GET /health on this port: 200 while connected to Redis, else 503.  [default: off]",
+)
+@click.option(
+    "--redis-wait",
+    envvar="CHAT_REDIS_WAIT",
+    show_envvar=True,
+    default=30.0,
+    type=click.FloatRange(0),
+    help="Seconds to keep trying at start-up while Redis is unreachable or the gateway id "
+    "is still held by a previous run, before giving up.",
+)
+@click.option(
+    "--history",
+    envvar="CHAT_HISTORY",
+    show_envvar=True,
+    default=20,
+    type=click.IntRange(0, 100),
+    help="Messages shown to a user on joining (0: none); also what a bare /history shows.",
+)
+@click.option(
+    "--notice-limit",
+    envvar="CHAT_NOTICE_LIMIT",
+    show_envvar=True,
+    default=200,
+    type=click.IntRange(0),
+    help="Users on this gateway past which joins and leaves are summarised once a second "
+    "(0: always announced one by one).",
+)
+@click.option(
+    "--rate-limit",
+    envvar="CHAT_RATE_LIMIT",
+    show_envvar=True,
+    default=10.0,
+    type=click.FloatRange(0),
+    help="Lines a second one client may send; more get '! slow down' (0: no limit).",
+)
+@click.option(
+    "--rate-burst",
+    envvar="CHAT_RATE_BURST",
+    show_envvar=True,
+    default=20,
+    type=click.IntRange(1),
+    help="Lines one client may send at once before the rate applies.",
+)
+@click.option(
+    "--max-clients",
+    envvar="CHAT_MAX_CLIENTS",
+    show_envvar=True,
+    default=10_000,
+    type=click.IntRange(0),
+    help="Connections this gateway accepts (0: no limit).",
+)
+@click.option(
+    "--max-per-address",
+    envvar="CHAT_MAX_PER_ADDRESS",
+    show_envvar=True,
+    default=256,
+    type=click.IntRange(0),
+    help="Connections accepted from one client address (0: no limit).",
+)
+@click.option(
+    "--keepalive",
+    envvar="CHAT_KEEPALIVE",
+    show_envvar=True,
+    default="60,10,3",
+    callback=lambda _ctx, _param, value: _keepalive(value),
+    metavar="IDLE,INTERVAL,COUNT",
+    help="TCP keepalive on client connections, seconds and probes: a client whose host "
+    "vanished is announced as left within IDLE + INTERVAL * COUNT seconds.",
+)
+@click.option(
+    "--log-level",
+    envvar="CHAT_LOG_LEVEL",
+    show_envvar=True,
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.version_option(package_name="chat-service")
+def main(
+    host: str,
+    port: int,
+    redis_url: str | None,
+    gateway_id: str | None,
+    health_port: int | None,
+    redis_wait: float,
+    history: int,
+    notice_limit: int,
+    rate_limit: float,
+    rate_burst: int,
+    max_clients: int,
+    max_per_address: int,
+    keepalive: tuple[int, int, int],
+    log_level: str,
+) -> None:
+    """Run a chat gateway: a TCP server for the line protocol (see PROTOCOL.md) that shares
+    one chat room with every other gateway on the same Redis."""
+    config = GatewayConfig(
+        host=host,
+        port=port,
+        redis_url=redis_url or None,
+        gateway_id=gateway_id or "",
+        redis_wait=redis_wait,
+        health_port=health_port,
+        history=history,
+        notice_limit=notice_limit,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        max_clients=max_clients,
+        max_per_address=max_per_address,
+        keepalive_idle=keepalive[0],
+        keepalive_interval=keepalive[1],
+        keepalive_count=keepalive[2],
+    )
+    configure_logging(log_level, config.resolved_id())
+    try:
+        run_loop(serve(config))
+    except (StartupError, BrokerError) as exc:
+        log.error("%s", exc)
+        sys.exit(1)

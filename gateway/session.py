@@ -1,0 +1,347 @@
+"""One client connection: the thin asyncio adapter around :class:`ServerProtocol`.
+
+The session turns transport callbacks into protocol input and protocol events into calls
+on its :class:`Hub` (the gateway); it owns the connection's two bounds (unpublished input,
+queued output) and reports its own end exactly once, from ``connection_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Protocol, cast
+
+from gateway.protocol import (
+    FLOODING_TEXT,
+    NOT_DELIVERED_TEXT,
+    HistoryRequested,
+    MessageReceived,
+    NameRequested,
+    PeerClosed,
+    QuitRequested,
+    ServerProtocol,
+    State,
+    WhoRequested,
+    kicked_text,
+    slow_down_text,
+)
+from gateway.ratelimit import FloodGuard
+
+log = logging.getLogger(__name__)
+
+#: Bytes queued for one client before it counts as not reading and is disconnected. 1 MiB
+#: is several thousand chat lines: a client that is merely slow catches up long before,
+#: while the memory a stuck one can pin stays small even with thousands of them.
+MAX_OUTGOING_BYTES = 1 << 20
+
+#: Lines from one client accepted but not yet published. Past it we stop reading that
+#: client (TCP pushes back on it) until Redis catches up; the room is never flooded
+#: faster than Redis takes it, and nothing read is dropped.
+MAX_UNPUBLISHED = 64
+
+
+#: Room events held for a joiner while its history is fetched (a few milliseconds at most,
+#: unless Redis stalls; past this the joiner is cut rather than buffered without end).
+MAX_HELD_CHUNKS = 10_000
+
+_PENDING = object()
+
+
+class Hub(Protocol):
+    """What a session needs from its gateway."""
+
+    def session_started(self, session: Session) -> None: ...
+    def session_ended(self, session: Session) -> None: ...
+    def login(self, session: Session, name: str, key: str) -> None: ...
+    def publish(self, session: Session, text: str) -> None: ...
+    def who(self, session: Session) -> None: ...
+    def history(self, session: Session, count: int | None) -> None: ...
+
+
+class Session(asyncio.Protocol):
+    """One TCP client of the gateway."""
+
+    __slots__ = (
+        "_claiming",
+        "_closing",
+        "_guard",
+        "_held",
+        "_history",
+        "_hub",
+        "_limits",
+        "_paused",
+        "_proto",
+        "_transport",
+        "_unpublished",
+        "closed",
+        "id",
+        "joined",
+        "key",
+        "peer",
+    )
+
+    def __init__(
+        self, hub: Hub, session_id: str, limits: tuple[float, float] | None = None
+    ) -> None:
+        """``limits``: (lines a second, burst) allowed from this client; None: no limit."""
+        self._hub = hub
+        self._limits = limits
+        self._guard: FloodGuard | None = None  # made at the first line: idle clients pay nothing
+        self._proto = ServerProtocol()
+        self._transport: asyncio.Transport | None = None
+        #: History on join: None (none expected), _PENDING (being fetched), or its bytes.
+        self._history: bytes | object | None = None
+        #: Room traffic held back while the joiner's history is still being fetched.
+        self._held: list[bytes] | None = None
+        self._unpublished = 0
+        self._claiming = False
+        self._paused = False
+        self._closing = False
+        #: Cluster-wide unique id of this connection (presence records name it).
+        self.id = session_id
+        self.peer = "?"
+        #: The folded name this session holds in presence, once claimed.
+        self.key: str | None = None
+        #: True once the name claim succeeded: presence must be released at the end.
+        self.joined = False
+        #: True once the transport is gone.
+        self.closed = False
+
+    @property
+    def address(self) -> str:
+        """The client's address without its port (what per-address limits count)."""
+        return self.peer.rpartition(":")[0]
+
+    @property
+    def name(self) -> str | None:
+        return self._proto.name
+
+    # -- transport callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Any transport with the Transport methods will do (uvloop's is no subclass).
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._hub.session_started(self)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._proto.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self._proto.receive_eof()
+        self._process()
+        return True  # we close once every line sent before the EOF is answered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._proto.close()
+        self._hub.session_ended(self)
+
+    # -- decisions from the gateway ------------------------------------------------------
+
+    def accept(self, online: int) -> None:
+        """The name is ours and the join was announced: welcome, history, then read on."""
+        if self.closed or self._proto.state is not State.CLAIMING:
+            return
+        self.joined = True
+        self._proto.accept_name(online)
+        self._flush()
+        if self._history is _PENDING:
+            self._held = []  # the room goes on; the joiner sees it after its history
+        elif isinstance(self._history, bytes):
+            self.write(self._history)
+            self._history = None
+        self._claiming = False
+        self._process()
+
+    def expect_history(self) -> None:
+        """History on join is being fetched: room traffic waits for it (see accept)."""
+        self._history = _PENDING
+
+    def history_ready(self, data: bytes) -> None:
+        """The joiner's history (possibly empty): write it, then whatever was held."""
+        if self._history is not _PENDING:
+            return
+        if self._held is None:  # not admitted yet: accept() writes it
+            self._history = data
+            return
+        self._history = None
+        self._release(data)
+
+    def _release(self, first: bytes = b"") -> None:
+        """Stop holding room traffic: write ``first``, then what was held, in order."""
+        held, self._held = self._held or [], None
+        if first:
+            self.write(first)
+        for chunk in held:
+            self.write(chunk)
+
+    def reject(self, reason: str) -> None:
+        """The claim failed: say why, prompt again, read on."""
+        if self.closed or self._proto.state is not State.CLAIMING:
+            return
+        self._proto.reject_name(reason)
+        self._claiming = False
+        self._process()
+
+    def published(self, delivered: bool) -> None:
+        """One of this client's lines left the publish queue (``delivered`` or refused)."""
+        self._unpublished -= 1
+        if not delivered and not self.closed:
+            self._proto.send_error(NOT_DELIVERED_TEXT)
+            self._flush()
+        self._update_reading()
+
+    def notify(self, texts: list[str]) -> None:
+        """Send ``* `` lines to this client only."""
+        self._proto.send_notices(texts)
+        self._flush()
+
+    def error(self, text: str) -> None:
+        """Send a ``! `` line to this client only."""
+        self._proto.send_error(text)
+        self._flush()
+
+    def write(self, data: bytes) -> None:
+        """Queue encoded room traffic, disconnecting the client if it stopped reading.
+
+        Never blocks and never awaits: the fan-out to everyone else goes on regardless.
+        """
+        if self._held is not None:
+            if len(self._held) < MAX_HELD_CHUNKS:
+                self._held.append(data)
+            else:
+                self.abort()  # its history never came and the room went on: start over
+            return
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() + len(data) > MAX_OUTGOING_BYTES:
+            log.warning(
+                "%s (%s) stopped reading: over %d bytes queued; disconnecting",
+                self.name or self.peer,
+                self.id,
+                MAX_OUTGOING_BYTES,
+            )
+            transport.abort()
+            return
+        transport.write(data)
+
+    def kick(self, reason: str) -> None:
+        """An operator removed this user: say so and close (the leave follows as usual)."""
+        log.info("%s (%s) kicked by an operator: %s", self.name, self.id, reason or "no reason")
+        self._proto.send_error(kicked_text(reason))
+        self.close()
+
+    def close(self, notice: str | None = None) -> None:
+        """Send a last ``* `` line (if given) and close once it is written."""
+        self._proto.close(notice)
+        self._closing = True
+        self._flush()
+
+    def stop_reading(self) -> None:
+        """Read nothing more from this client (shutdown)."""
+        self._proto.close()
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent output."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _process(self) -> None:
+        try:
+            for event in self._proto.events_received():
+                limited = MessageReceived | WhoRequested | HistoryRequested
+                if isinstance(event, limited) and not self._allowed():
+                    if self._closing:
+                        break
+                    continue
+                if isinstance(event, MessageReceived):
+                    self._unpublished += 1
+                    self._hub.publish(self, event.text)
+                elif isinstance(event, NameRequested):
+                    self._claiming = True
+                    self._hub.login(self, event.name, event.key)
+                elif isinstance(event, WhoRequested):
+                    self._hub.who(self)
+                elif isinstance(event, HistoryRequested):
+                    self._hub.history(self, event.count)
+                elif isinstance(event, QuitRequested | PeerClosed):
+                    self._closing = True
+        except Exception:
+            # Nothing raises into the event loop: log it, tell the client no details, close.
+            log.exception("unexpected error handling input from %s (%s)", self.peer, self.id)
+            self._proto.send_error("internal error; closing the connection")
+            self._proto.close()
+            self._closing = True
+        self._update_reading()
+        self._flush()
+
+    def _allowed(self) -> bool:
+        """Flood control for one line: False drops it (and may close the connection)."""
+        if self._limits is None:
+            return True
+        now = time.monotonic()
+        if self._guard is None:
+            self._guard = FloodGuard(*self._limits, now)
+        verdict = self._guard.check(now)
+        if verdict == "ok":
+            return True
+        if verdict == "slow":
+            self._proto.send_error(slow_down_text(self._limits[0]))
+        elif verdict == "abuse":
+            log.warning("%s (%s) disconnected for flooding", self.name or self.peer, self.id)
+            self._proto.send_error(FLOODING_TEXT)
+            self._proto.close()
+            self._closing = True
+        return False
+
+    def set_keepalive(self, idle: int, interval: int, count: int) -> None:
+        """Have the kernel notice a client whose host vanished without closing."""
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        # Keepalive probes wait while sent data is unacknowledged; this bounds that case.
+        sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000
+        )
+
+    def refuse(self, reason: str) -> None:
+        """Turn the connection away before it starts: a ``! `` line, then close."""
+        self._proto.data_to_send()  # the prompt is not sent
+        self._proto.send_error(reason)
+        self._proto.close()
+        self._closing = True
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self._proto.data_to_send()
+        if data:
+            self.write(data)
+        if self._closing and self._transport is not None:
+            if self._held is not None:
+                self._release()  # closing before the history came: send the rest without it
+            self._transport.close()
+
+    def _update_reading(self) -> None:
+        pause = self._claiming or self._unpublished >= MAX_UNPUBLISHED
+        if pause == self._paused or self._transport is None or self._transport.is_closing():
+            return
+        self._paused = pause
+        if pause:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()

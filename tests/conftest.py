@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.support import ChatClient, GatewayProcess, RedisServer
+
+
+class Cluster:
+    """Real gateways on one real Redis, and the clients a test opened on them."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.redis = redis
+        self.gateways: list[GatewayProcess] = []
+        self.clients: list[ChatClient] = []
+
+    async def start(self, count: int = 3, *extra: str) -> list[GatewayProcess]:
+        new = [
+            GatewayProcess(f"gw-{len(self.gateways) + i + 1}", self.redis.url, *extra)
+            for i in range(count)
+        ]
+        self.gateways += new
+        await asyncio.gather(*(g.start() for g in new))
+        return new
+
+    async def connect(self, gateway: int, **kwargs: int) -> ChatClient:
+        client = await ChatClient.connect(self.gateways[gateway].port, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def user(self, gateway: int, name: str) -> ChatClient:
+        """A client logged in as ``name`` on gateway number ``gateway`` (0-based)."""
+        client = await self.connect(gateway)
+        await client.login(name)
+        return client
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients))
+        await asyncio.gather(*(g.stop() for g in self.gateways))
+        for gateway in self.gateways:
+            gateway.assert_no_traceback()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
+    c = Cluster(redis_server)
+    yield c
+    await c.close()

@@ -1,0 +1,109 @@
+"""The command-line programs as operators and newcomers run them."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.support import ChatClient, GatewayProcess, free_port, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+async def test_embedded_mode_runs_a_chat_alone() -> None:
+    """With no Redis configured the gateway says so and serves a working chat by itself."""
+    gateway = GatewayProcess("solo", None)
+    await gateway.start()
+    try:
+        assert gateway.log is not None
+        assert "embedded in-process broker" in gateway.log.text()
+        alice = await ChatClient.connect(gateway.port)
+        bob = await ChatClient.connect(gateway.port)
+        await alice.login("alice")
+        await bob.login("bob")
+        assert await alice.readline() == "* bob joined the chat"
+        await bob.send("hi")
+        assert await alice.readline() == "bob: hi"
+        assert await bob.readline() == "bob: hi"
+        await alice.close()
+        await bob.close()
+    finally:
+        await gateway.stop()
+    gateway.assert_no_traceback()
+
+
+async def test_gateway_port_in_use_is_one_line_and_exit_1(cluster: Cluster) -> None:
+    """A gateway that cannot bind says so in one log line and exits non-zero."""
+    await cluster.start(1)
+    status, _, err = await run_cli(
+        "chat-gateway", "--host", "127.0.0.1", "--port", str(cluster.gateways[0].port),
+        "--redis-url", cluster.redis.url,
+    )  # fmt: skip
+    assert status == 1
+    assert "cannot listen on 127.0.0.1" in err
+    assert "Traceback" not in err
+
+
+async def test_gateway_id_in_use_refused(cluster: Cluster) -> None:
+    """A second gateway started under a live gateway's id waits --redis-wait for the id to
+    expire, then refuses to start."""
+    await cluster.start(1)
+    status, _, err = await run_cli(
+        "chat-gateway", "--host", "127.0.0.1", "--port", "0",
+        "--redis-url", cluster.redis.url, "--gateway-id", "gw-1", "--redis-wait", "1",
+    )  # fmt: skip
+    assert status == 1
+    assert "already used by a live gateway" in err
+    assert "Traceback" not in err
+
+
+async def test_admin_unreachable_redis_one_line_nonzero() -> None:
+    """chat-admin on an unreachable Redis: one line on stderr, exit 1, no traceback."""
+    status, out, err = await run_cli(
+        "chat-admin", "--redis-url", f"redis://127.0.0.1:{free_port()}/0", "who"
+    )
+    assert status == 1
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("chat-admin: ")
+
+
+async def test_admin_bad_url_one_line_nonzero() -> None:
+    """A malformed Redis URL is refused in one line."""
+    status, _, err = await run_cli("chat-admin", "--redis-url", "http://nope", "who")
+    assert status == 1
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+async def test_admin_reads_redis_url_from_environment(cluster: Cluster) -> None:
+    """Without --redis-url, chat-admin uses REDIS_URL."""
+    await cluster.start(1)
+    await cluster.user(0, "alice")
+    import asyncio
+    import os
+
+    from tests.support import BIN, clean_env
+
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "chat-admin"), "who", "--json",
+        env=clean_env(REDIS_URL=cluster.redis.url), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert b'"alice"' in out
+    assert os.environ.get("REDIS_URL") != cluster.redis.url
+
+
+async def test_gateway_unreachable_redis_gives_up_with_one_line() -> None:
+    """A gateway whose Redis never answers retries for --redis-wait, then exits 1 with a
+    line naming the Redis (password redacted), and no traceback."""
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    status, _, err = await run_cli(
+        "chat-gateway", "--host", "127.0.0.1", "--port", "0", "--redis-url", url,
+        "--redis-wait", "1",
+    )  # fmt: skip
+    assert status == 1
+    assert "cannot reach Redis at redis://:***@127.0.0.1" in err.splitlines()[-1]
+    assert "hunter2" not in err
+    assert "Traceback" not in err

@@ -1,0 +1,411 @@
+"""The deployment: Dockerfile, docker-compose.yml and deploy/haproxy.cfg, without Docker.
+
+The files are checked statically (the Compose Specification's schema, the Dockerfile's
+instructions, ``haproxy -c``), then the HAProxy configuration runs for real, in a loopback
+variant, in front of three real gateways sharing a real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import Cluster
+from tests.deploy_support import (
+    COMPOSE_FILE,
+    COMPOSE_SCHEMA,
+    DOCKERFILE,
+    DOCKERIGNORE,
+    HAPROXY_CFG,
+    HaproxyProcess,
+    Instruction,
+    compose_duration,
+    compose_environment,
+    dockerfile_stages,
+    exec_form,
+    haproxy_exe,
+    published_ports,
+    running_haproxy,
+)
+from tests.support import ChatClient, T, free_port, run_cli
+
+pytestmark = pytest.mark.integration
+
+RESTART_NOTICE = "* Server restarting: please reconnect."
+#: Connection attempts a reconnecting test client makes before giving up.
+RECONNECT_ATTEMPTS = 5
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return loaded
+
+
+def final_stage() -> list[Instruction]:
+    return dockerfile_stages(DOCKERFILE.read_text())[-1]
+
+
+# ---- docker-compose.yml -----------------------------------------------------------------
+
+
+def test_compose_file_is_valid_against_the_compose_spec() -> None:
+    """docker-compose.yml validates against the Compose Specification's JSON schema."""
+    if not COMPOSE_SCHEMA.is_file():
+        pytest.fail(
+            f"the Compose Specification schema is missing: expected {COMPOSE_SCHEMA} "
+            "(shared/schemas/compose-spec.json beside the repository)"
+        )
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    errors = sorted(
+        jsonschema.Draft7Validator(schema).iter_errors(compose()), key=lambda e: list(e.path)
+    )
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.path)) or '(top)'}: {e.message}" for e in errors
+    )
+    assert set(compose()["services"]) == {"redis", "gateway", "lb", "admin"}
+
+
+def test_compose_redis_is_private_healthy_and_volatile() -> None:
+    """Redis publishes no port, has a `redis-cli ping` health check and persists nothing."""
+    redis = compose()["services"]["redis"]
+    assert re.fullmatch(r"redis:7(\.\d+)*(-alpine)?", redis["image"]), redis["image"]
+    assert "ports" not in redis
+    assert redis["healthcheck"]["test"][:1] in (["CMD"], ["CMD-SHELL"])
+    assert "redis-cli" in redis["healthcheck"]["test"][1]
+    assert "ping" in " ".join(redis["healthcheck"]["test"][1:])
+    command = redis["command"]
+    assert command[command.index("--save") + 1] == ""
+    assert command[command.index("--appendonly") + 1] == "no"
+
+
+def test_compose_gateway_scales_behind_the_balancer() -> None:
+    """The gateway publishes no host port (so `--scale` works), waits for a healthy Redis,
+    checks its own health, serves /health where HAProxy looks, and has time to drain."""
+    gateway = compose()["services"]["gateway"]
+    assert gateway["build"] in (".", {"context": "."})
+    assert "ports" not in gateway
+    assert {"5555", "8080"} <= {str(p) for p in gateway["expose"]}
+    env = compose_environment(gateway)
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["CHAT_HEALTH_PORT"] == "8080"
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    test = gateway["healthcheck"]["test"]
+    assert test[0] == "CMD" and "gateway.health" in test, test
+    # The drain takes at most about 7 s; Docker's SIGKILL must not come first.
+    assert compose_duration(gateway["stop_grace_period"]) >= 10
+    assert gateway["restart"] == "unless-stopped"
+
+
+def test_compose_lb_is_the_one_published_port() -> None:
+    """Only the load balancer publishes a port, 5555, with deploy/haproxy.cfg mounted
+    read-only where the official image reads it."""
+    services = compose()["services"]
+    lb = services["lb"]
+    assert re.fullmatch(r"haproxy:\d+\.\d+.*", lb["image"]), lb["image"]
+    assert published_ports(lb) == [("5555", "5555")]
+    assert [name for name, s in services.items() if "ports" in s] == ["lb"]
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
+    assert "gateway" in lb["depends_on"]
+
+
+def test_compose_admin_runs_on_demand_with_the_gateway_image() -> None:
+    """`admin` is chat-admin on the gateway's image and Redis, in a profile so that `up`
+    leaves it out and `docker compose run --rm admin who` runs it."""
+    services = compose()["services"]
+    admin, gateway = services["admin"], services["gateway"]
+    assert "admin" in admin["profiles"]
+    assert admin["entrypoint"] == ["chat-admin"]
+    assert admin["command"] == ["who"]
+    assert admin["image"] == gateway["image"]
+    assert compose_environment(admin)["REDIS_URL"] == compose_environment(gateway)["REDIS_URL"]
+    assert all("profiles" not in s for name, s in services.items() if name != "admin")
+
+
+def test_compose_and_haproxy_cfg_agree() -> None:
+    """HAProxy listens on the port Compose publishes, and finds the gateways under their
+    service name, on their chat port, health-checking the port they serve /health on."""
+    services = compose()["services"]
+    cfg = HAPROXY_CFG.read_text()
+    bind = re.search(r"^[ \t]+bind[ \t]+\S*:(\d+)", cfg, flags=re.MULTILINE)
+    assert bind is not None
+    assert published_ports(services["lb"]) == [("5555", bind.group(1))]
+    template = re.search(
+        r"^[ \t]+server-template[ \t]+\S+[ \t]+(\d+)[ \t]+([^:\s]+):(\d+)[ \t]+(.*)$",
+        cfg,
+        flags=re.MULTILINE,
+    )
+    assert template is not None
+    count, host, port, params = template.groups()
+    assert host == "gateway" and host in services
+    assert port in services["gateway"]["expose"]
+    check_port = re.search(r"(?<!\S)port (\d+)", params)
+    assert check_port is not None
+    assert check_port.group(1) == compose_environment(services["gateway"])["CHAT_HEALTH_PORT"]
+    assert int(count) >= 3
+    assert "init-addr none" in params
+
+
+# ---- Dockerfile -------------------------------------------------------------------------
+
+
+def test_dockerfile_final_stage_is_slim_and_ships_only_the_venv() -> None:
+    """Multi-stage: the final stage is a python:*-slim image that copies the builder's venv
+    and nothing from the build context, and installs no compiler."""
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    assert len(stages) >= 2
+    final = stages[-1]
+    image = next(w for w in final[0].args.split() if not w.startswith("--"))
+    assert re.fullmatch(r"python:3\.\d+(\.\d+)?-slim(-\w+)?(@sha256:[0-9a-f]{64})?", image)
+    copies = [i for i in final if i.keyword in ("COPY", "ADD")]
+    assert copies, "the final stage copies nothing from the builder"
+    for instruction in copies:
+        assert instruction.keyword == "COPY" and "--from=" in instruction.args, instruction
+    build_tools = re.compile(
+        r"\b(gcc|g\+\+|cc|clang|make|build-essential|python3?-dev|libc6?-dev|musl-dev)\b"
+    )
+    for instruction in final:
+        if instruction.keyword == "RUN" and re.search(r"\b(apt-get|apt|apk)\b", instruction.args):
+            assert not (
+                re.search(r"\b(install|add)\b", instruction.args)
+                and build_tools.search(instruction.args)
+            ), f"line {instruction.line}: build tools in the final stage: {instruction.args}"
+
+
+def test_dockerfile_runs_the_gateway_as_non_root_with_a_health_check() -> None:
+    """The final stage runs chat-gateway as a non-root user, exposes the chat and health
+    ports, health-checks itself with the gateway's probe and stops on SIGTERM."""
+    final = final_stage()
+    keywords = [i.keyword for i in final]
+    users = [i for i in final if i.keyword == "USER"]
+    assert users, "no USER: the container would run as root"
+    user = users[-1].args.split(":")[0]
+    assert user not in ("root", "0"), users[-1]
+    starts = [n for n, k in enumerate(keywords) if k in ("ENTRYPOINT", "CMD")]
+    assert starts and final.index(users[-1]) < min(starts)
+    # The command a container runs: the last ENTRYPOINT followed by the last CMD.
+    command = [
+        word
+        for keyword in ("ENTRYPOINT", "CMD")
+        for form in [exec_form(i) for i in final if i.keyword == keyword][-1:]
+        for word in form
+    ]
+    assert command[:1] == ["chat-gateway"], command
+
+    exposed = {w.split("/")[0] for i in final if i.keyword == "EXPOSE" for w in i.words()}
+    assert {"5555", "8080"} <= exposed
+    env = dict(w.split("=", 1) for i in final if i.keyword == "ENV" for w in i.words() if "=" in w)
+    assert env.get("CHAT_HEALTH_PORT") == "8080"
+
+    (healthcheck,) = [i for i in final if i.keyword == "HEALTHCHECK"]
+    assert exec_form(healthcheck)[:3] == ["python", "-m", "gateway.health"]
+    assert [i.args for i in final if i.keyword == "STOPSIGNAL"][-1:] == ["SIGTERM"]
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    """The virtual environment, git history and tool caches never reach the builder."""
+    patterns = {
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()[:1] != "#"
+    }
+    assert {".venv", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"} <= patterns
+    assert "**/__pycache__" in patterns
+
+
+# ---- deploy/haproxy.cfg -----------------------------------------------------------------
+
+
+def test_haproxy_cfg_is_valid() -> None:
+    """`haproxy -c` accepts deploy/haproxy.cfg as is, although `gateway` does not resolve
+    here: `init-addr none` lets HAProxy start before DNS knows any gateway."""
+    result = subprocess.run(
+        [haproxy_exe(), "-c", "-f", str(HAPROXY_CFG)],
+        capture_output=True,
+        text=True,
+        timeout=2 * T,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Configuration file is valid" in result.stdout + result.stderr
+    assert "[ALERT]" not in result.stderr
+
+
+def haproxy_seconds(value: str) -> float:
+    """An HAProxy time: a number in milliseconds unless it carries a unit."""
+    match = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value)
+    assert match is not None, f"not an HAProxy time: {value!r}"
+    number, unit = match.groups()
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit or "ms"]
+    return int(number) * scale
+
+
+def test_haproxy_cfg_suits_long_lived_chat_connections() -> None:
+    """TCP mode with hour-long idle timeouts; gateways found through Docker's DNS and
+    checked on /health; sessions kept when a gateway is marked down (a draining gateway
+    sends its clients away itself)."""
+    lines = [line.split("#", 1)[0].strip() for line in HAPROXY_CFG.read_text().splitlines()]
+    settings = [line for line in lines if line]
+    assert "mode tcp" in settings
+    assert "balance leastconn" in settings
+    timeouts = dict(line.split()[1:3] for line in settings if line.startswith("timeout "))
+    for name in ("client", "server", "tunnel"):
+        assert haproxy_seconds(timeouts[name]) >= 3600, (name, timeouts[name])
+    assert "option httpchk GET /health" in settings
+    assert "http-check expect status 200" in settings
+    assert "nameserver dns 127.0.0.11:53" in settings
+    assert not any("shutdown-sessions" in line for line in settings)
+    # The end-to-end tests follow HAProxy through these log lines.
+    assert {"option tcplog", "option log-health-checks"} <= set(settings)
+
+
+# ---- HAProxy in front of real gateways --------------------------------------------------
+
+
+@pytest.fixture
+async def balancer(cluster: Cluster) -> AsyncIterator[HaproxyProcess]:
+    """Three gateways with health endpoints behind the loopback HAProxy, which has seen
+    each pass its health check. HAProxy's server gwN is cluster.gateways[N - 1] (gw-N)."""
+    gateways = await cluster.start(3, "--health-port", "0")
+    async with running_haproxy(free_port(), [(g.port, g.health_port) for g in gateways]) as lb:
+        yield lb
+
+
+async def who(cluster: Cluster) -> dict[str, str]:
+    """Everyone online, by name, with the id of the gateway holding them."""
+    status, out, err = await run_cli(
+        "chat-admin", "--redis-url", cluster.redis.url, "who", "--json"
+    )
+    assert status == 0, err
+    return {user["name"]: user["gateway"] for user in json.loads(out)}
+
+
+async def user_via(lb: HaproxyProcess, cluster: Cluster, name: str) -> ChatClient:
+    """A client logged in as ``name`` through the balancer; the cluster closes it."""
+    client = await ChatClient.connect(lb.port)
+    cluster.clients.append(client)
+    await client.login(name)
+    return client
+
+
+async def read_lines(client: ChatClient, count: int) -> list[str]:
+    return [await client.readline() for _ in range(count)]
+
+
+async def reconnect(lb: HaproxyProcess, name: str) -> tuple[ChatClient, int]:
+    """What a chat client does on the restart notice: connect again to the same address
+    and log in under the same name. Returns the client and the attempts it took."""
+    for attempt in range(1, RECONNECT_ATTEMPTS + 1):
+        client = await ChatClient.connect(lb.port)
+        try:
+            # A name refused as taken fails the test here: login() wants the welcome.
+            await client.login(name)
+            return client, attempt
+        except (EOFError, ConnectionError):
+            # HAProxy found no gateway to take the connection: back off as a client would.
+            await client.close()
+            await asyncio.sleep(0.05 * T * attempt)
+    raise AssertionError(f"{name} could not reconnect in {RECONNECT_ATTEMPTS} attempts")
+
+
+async def test_haproxy_spreads_clients_and_moves_a_draining_gateways_users(
+    cluster: Cluster, balancer: HaproxyProcess
+) -> None:
+    """Through the real HAProxy and its configuration: clients on one port are spread
+    evenly over three gateways and share one room; when one gateway is SIGTERMed its users
+    are told to reconnect, reconnect through the same port under the same names, land on
+    the surviving gateways, and the others see each leave then rejoin; HAProxy's health
+    check takes the stopped gateway out of rotation."""
+    lb = balancer
+    # Six users, one after the other: leastconn gives each gateway two.
+    users: dict[str, ChatClient] = {}
+    for name in ["alice", "bruno", "chen", "dana", "emil", "fatou"]:
+        client = await ChatClient.connect(lb.port)
+        cluster.clients.append(client)
+        welcome = await client.login(name)
+        assert re.match(rf"\* Welcome, {name}! {len(users) + 1} users? online\.", welcome)
+        for other in users.values():
+            assert await other.readline() == f"* {name} joined the chat"
+        users[name] = client
+    where = await who(cluster)
+    assert Counter(where.values()) == {"gw-1": 2, "gw-2": 2, "gw-3": 2}, where
+
+    await users["alice"].send("hello from behind the balancer")
+    for client in users.values():
+        assert await client.readline() == "alice: hello from behind the balancer"
+
+    stopping = cluster.gateways[0]
+    moved = sorted(n for n, g in where.items() if g == stopping.gateway_id)
+    stayed = [n for n in users if n not in moved]
+    stopping.signal(signal.SIGTERM)
+    for name in moved:
+        assert await users[name].expect(RESTART_NOTICE) == [RESTART_NOTICE]
+        assert await users[name].at_eof()
+        # Hang up, as a client does on EOF. gw1 then holds no connection, so leastconn
+        # offers it to the next client first unless HAProxy has marked it down already.
+        await users[name].close()
+        await lb.connection_closed(users[name])
+    for name in stayed:
+        assert sorted(await read_lines(users[name], len(moved))) == [
+            f"* {n} left the chat" for n in moved
+        ]
+
+    # The movers reconnect at once, as real clients do on the notice.
+    results = await asyncio.gather(*(reconnect(lb, name) for name in moved))
+    for name, (client, _attempts) in zip(moved, results, strict=True):
+        cluster.clients.append(client)
+        users[name] = client
+    for name in stayed:
+        assert sorted(await read_lines(users[name], len(moved))) == [
+            f"* {n} joined the chat" for n in moved
+        ]
+    where = await who(cluster)
+    assert sorted(where) == sorted(users)
+    assert Counter(where.values()) == {"gw-2": 3, "gw-3": 3}, where
+
+    await users[moved[0]].send("back on another gateway")
+    for name, client in users.items():
+        seen = await client.expect(f"{moved[0]}: back on another gateway")
+        # A mover may first see the other mover's join, and its history on rejoining;
+        # nothing else comes between.
+        allowed = {f"* {n} joined the chat" for n in moved if n != name}
+        live = [line for line in seen[:-1] if not line.startswith("* [history ")]
+        assert set(live) <= (allowed if name in moved else set()), (name, seen)
+
+    assert await stopping.wait(3 * T) == 0
+    await lb.wait_for_log(r"Server \S+/gw1 is DOWN")
+    assert lb.log is not None
+    assert not re.search(r"Server \S+/gw[23] is DOWN", lb.log.text()), lb.log.text()
+    # Each mover got in at the first try, though leastconn offered them gw1 first unless
+    # HAProxy had already marked it down: a connection the draining gateway refuses is
+    # redispatched to another gateway (`option redispatch`), never shown to the client.
+    assert [attempts for _client, attempts in results] == [1] * len(moved)
+
+
+async def test_haproxy_sends_newcomers_to_the_gateway_with_fewest_users(
+    cluster: Cluster, balancer: HaproxyProcess
+) -> None:
+    """leastconn: after two users of one gateway leave, the next two clients both go to
+    that gateway, where round robin would have sent them on round the rotation."""
+    users = {name: await user_via(balancer, cluster, name) for name in "abcdef"}
+    where = await who(cluster)
+    assert Counter(where.values()) == {"gw-1": 2, "gw-2": 2, "gw-3": 2}, where
+    leaving = [n for n, g in where.items() if g == "gw-2"]
+    for name in leaving:
+        await users[name].send("/quit")
+        await users[name].expect(f"* Goodbye, {name}!")
+        assert await users[name].at_eof()
+        await users[name].close()
+        await balancer.connection_closed(users[name])
+    for name in ["g", "h"]:
+        await user_via(balancer, cluster, name)
+    where = await who(cluster)
+    assert [where["g"], where["h"]] == ["gw-2", "gw-2"], where

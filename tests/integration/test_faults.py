@@ -1,0 +1,160 @@
+"""Faults a deployment sees, injected into real Redis and real gateways: nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.conftest import Cluster
+from tests.support import GatewayProcess, T, TcpProxy, run_cli
+
+pytestmark = pytest.mark.integration
+
+DOWN = "* The message service is unavailable: nothing you send is delivered until it is back."
+BACK = "* The message service is back."
+
+
+async def test_link_cut_loses_nothing(cluster: Cluster) -> None:
+    """A gateway's link to Redis is cut for 2 s while users elsewhere send 200 messages:
+    when it returns, that gateway's users have all 200, in order, without duplicates."""
+    await cluster.start(1, "--rate-limit", "0")
+    proxy = TcpProxy(cluster.redis.port)
+    await proxy.start()
+    cut_gateway = GatewayProcess("gw-cut", proxy.url)
+    cluster.gateways.append(cut_gateway)
+    try:
+        await cut_gateway.start()
+        sender = await cluster.user(0, "sender")
+        receivers = [await cluster.user(1, "r1"), await cluster.user(1, "r2")]
+        await sender.expect("* r2 joined the chat")
+        await receivers[0].expect("* r2 joined the chat")
+
+        await proxy.cut()
+        for n in range(200):
+            await sender.send(f"message {n:03d}")
+        await sender.expect("sender: message 199")  # all 200 are in Redis now
+        await asyncio.sleep(2)  # the fault lasts 2 s
+        await proxy.start()
+
+        expected = [f"sender: message {n:03d}" for n in range(200)]
+        for receiver in receivers:
+            lines = await receiver.expect("sender: message 199", timeout=6 * T)
+            chat = [line for line in lines if not line.startswith("* ")]
+            assert chat == expected
+        await sender.send("after the cut")
+        for receiver in receivers:
+            lines = await receiver.expect("sender: after the cut")
+            assert [line for line in lines if not line.startswith("* ")] == [
+                "sender: after the cut"
+            ]
+        assert cut_gateway.log is not None
+        assert any("replaying" in line for line in cut_gateway.log.lines)
+    finally:
+        await proxy.close()
+
+
+async def test_redis_restart_keeps_clients_and_refuses_to_pretend(cluster: Cluster) -> None:
+    """Redis stops for a few seconds and comes back empty: clients stay connected and are
+    told; lines sent meanwhile are refused with a `! ` line, not silently lost; new logins
+    are refused with a new prompt; afterwards presence is restored without join notices
+    and the room works again."""
+    await cluster.start(2)
+    alice = await cluster.user(0, "alice")
+    bob = await cluster.user(1, "bob")
+    dave = await cluster.user(1, "dave")
+    await alice.expect("* dave joined the chat")
+    await bob.expect("* dave joined the chat")
+
+    await cluster.redis.stop()
+    assert await alice.readline(3 * T) == DOWN
+    assert await bob.readline(3 * T) == DOWN
+    await dave.close()  # leaves while Redis is away: its leave is owed, not forgotten
+    await alice.send("anyone there?")
+    assert await alice.readline(3 * T) == (
+        "! not delivered: the chat service is unavailable; try again"
+    )
+    newcomer = await cluster.connect(1)
+    assert await newcomer.readline() == "* Choose a name:"
+    await newcomer.send("carol")
+    assert await newcomer.readline(3 * T) == (
+        "! the chat service is unavailable right now; try again in a moment"
+    )
+    assert await newcomer.readline() == "* Choose a name:"
+
+    await cluster.redis.start()  # same port, empty
+    # Whichever gateway recovers first: both hear that the service is back and, once,
+    # that dave left.
+    for client in (alice, bob):
+        assert sorted([await client.readline(6 * T), await client.readline(6 * T)]) == [
+            "* The message service is back.",
+            "* dave left the chat",
+        ]
+    for gateway in cluster.gateways:
+        assert gateway.log is not None
+        await gateway.log.wait_for("registration lost; registering again", timeout=6 * T)
+    users = await who(cluster)
+    assert sorted(users) == ["alice", "bob"]
+
+    await newcomer.send("carol")
+    assert (await newcomer.readline()).startswith("* Welcome, carol! 3 users online.")
+    await alice.send("back to normal")
+    for client in (alice, bob):
+        lines = await client.expect("alice: back to normal")
+        # bob and alice never left, so nobody is told they joined; carol did join.
+        assert lines == ["* carol joined the chat", "alice: back to normal"]
+
+
+async def who(cluster: Cluster) -> dict[str, str]:
+    status, out, err = await run_cli(
+        "chat-admin", "--redis-url", cluster.redis.url, "who", "--json"
+    )
+    assert status == 0, err
+    return {u["name"]: u["gateway"] for u in json.loads(out)}
+
+
+async def test_history_on_join_and_on_demand(cluster: Cluster) -> None:
+    """A joiner first sees the last messages, marked as history, then the live room;
+    /history N shows the last N on demand."""
+    await cluster.start(2, "--history", "3")
+    alice = await cluster.user(0, "alice")
+    for n in range(5):
+        await alice.send(f"old {n}")
+    await alice.expect("alice: old 4")
+    bob = await cluster.connect(1)
+    welcome = await bob.login("bob")
+    assert welcome.startswith("* Welcome, bob!")
+    history = [await bob.readline() for _ in range(3)]
+    assert [line.split("] ", 1)[1] for line in history] == [
+        "alice: old 2",
+        "alice: old 3",
+        "alice: old 4",
+    ]
+    assert all(line.startswith("* [history ") and " UTC] " in line for line in history)
+    await alice.send("live")
+    assert await bob.readline() == "alice: live"
+    await bob.send("/history 2")
+    lines = [await bob.readline() for _ in range(2)]
+    assert [line.split("] ", 1)[1] for line in lines] == ["alice: old 4", "alice: live"]
+    await bob.send("/history 1000")
+    assert await bob.readline() == "! usage: /history [N], N from 1 to 100"
+
+
+async def test_no_history_when_turned_off(cluster: Cluster) -> None:
+    """--history 0: a joiner gets no past messages."""
+    await cluster.start(1, "--history", "0")
+    alice = await cluster.user(0, "alice")
+    await alice.send("before")
+    await alice.expect("alice: before")
+    bob = await cluster.user(0, "bob")
+    await alice.send("after")
+    assert await bob.readline() == "alice: after"
+
+
+async def test_empty_room_history(cluster: Cluster) -> None:
+    """/history in a room with no messages says so."""
+    await cluster.start(1)
+    alice = await cluster.user(0, "alice")
+    await alice.send("/history")
+    assert await alice.readline() == "* No messages to show."
