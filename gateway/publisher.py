@@ -45,6 +45,9 @@ class _Release:
     #: Whether the cluster saw this user join, so that a leave is owed even if Redis
     #: forgot the user (False for a claim whose outcome was never known).
     owed: bool
+    #: Redis lost its data since the claim: no release can find the user, so the leave
+    #: is announced directly, on every retry too.
+    forced: bool = False
 
 
 class Publisher:
@@ -83,13 +86,15 @@ class Publisher:
         for item in pending:
             if not item.owed:
                 continue  # its claim went with Redis's data; nobody saw it join
+            item.forced = True  # a failure below is retried as forced, never as a release
             try:
-                announced += await self._broker.force_leave(
-                    item.key, item.session_id, item.name, self._gateway
-                )
+                announced += await self._force_leave(item)
             except BrokerUnavailable:
                 self._failed.append(item)
         return announced
+
+    async def _force_leave(self, item: _Release) -> bool:
+        return await self._broker.force_leave(item.key, item.session_id, item.name, self._gateway)
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been handled."""
@@ -130,6 +135,9 @@ class Publisher:
 
     async def _release(self, item: _Release) -> None:
         try:
+            if item.forced:
+                await self._force_leave(item)
+                return
             settled = await self._broker.release(item.key, item.session_id, self._gateway)
         except BrokerUnavailable as exc:
             log.warning("could not release %r yet: %s", item.key, exc)

@@ -66,6 +66,8 @@ DOWN_NOTICE_DELAY = 1.0
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
 #: Seconds closing connections get to flush their last lines at shutdown before being cut.
 CLOSE_WAIT = 2.0
+#: Seconds between cancellations of a background task that has not stopped at shutdown.
+CANCEL_RETRY = 0.1
 #: Pending connections the kernel queues for us; join storms arrive in bursts.
 BACKLOG = 1024
 
@@ -234,9 +236,17 @@ class Gateway:
 
     @staticmethod
     async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel ``tasks`` and wait for them, cancelling again any that carried on: on
+        Python 3.11 ``asyncio.wait_for`` (used inside some Redis clients, fakeredis's for
+        one) drops a cancellation that arrives as its awaitable completes."""
+        pending = set(tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: _background_done/_task_done logged it
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -364,7 +374,7 @@ class Gateway:
         # Redis forgot wait, undecided, for the verdict below.
         await self.publisher.drain()
         epoch = await self.broker.epoch()
-        lost_data, self._epoch = epoch != self._epoch, epoch
+        lost_data = epoch != self._epoch
         now = time.time()
         users = [s for s in self._sessions if s.joined and not s.closed]
         entries = [
@@ -381,6 +391,8 @@ class Gateway:
                 entries,
             )
         )  # fmt: skip
+        # Only now: if this attempt failed, the next one must reach the same verdict.
+        self._epoch = epoch
         self.room.gone.clear()
         for session in users:
             if session.key in refused:

@@ -48,7 +48,7 @@ async def redis_server() -> AsyncIterator[RedisServer]:
     server = RedisServer()
     await server.start()
     yield server
-    await server.stop()
+    await server.close()
 
 
 @pytest.fixture

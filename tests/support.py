@@ -119,6 +119,11 @@ class RedisServer:
             await self.log.close()
         self.proc = None
 
+    async def close(self) -> None:
+        """Stop for good and remove the working directory (``stop`` allows a restart)."""
+        await self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
 
 class GatewayProcess:
     """A real ``chat-gateway`` process on a free loopback port."""

@@ -1,0 +1,108 @@
+"""A gateway's recovery after Redis lost its data, when a step of it fails on the way.
+
+The leaves of users who went while Redis was away can only be announced by their
+gateway: Redis forgot them, so no release finds them. These tests break the recovery
+(or the announcement) once and check that the retry still announces every such leave,
+exactly once. The gateway runs in-process on the embedded broker with its liveness loop
+idle, so that the test alone decides when recovery runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from broker import BrokerUnavailable, RedisBroker
+from gateway.config import GatewayConfig
+from gateway.server import Gateway
+from tests.support import ChatClient, T
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    config = GatewayConfig(host="127.0.0.1", port=0, history=0, heartbeat_interval=3600.0)
+    gw = Gateway(config, RedisBroker.embedded())
+    await gw.start()
+    yield gw
+    await gw.shutdown()
+
+
+async def user(gateway: Gateway, name: str) -> ChatClient:
+    client = await ChatClient.connect(int(gateway.address.rsplit(":", 1)[1]))
+    await client.login(name)
+    return client
+
+
+class FailOnce:
+    """Makes ``target.method`` raise BrokerUnavailable on its next call only."""
+
+    def __init__(self, target: Any, method: str) -> None:
+        self.calls = 0
+        self.called = asyncio.Event()
+        real: Callable[..., Any] = getattr(target, method)
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            self.called.set()
+            if self.calls == 1:
+                raise BrokerUnavailable(f"{method}: injected failure")
+            return await real(*args, **kwargs)
+
+        setattr(target, method, flaky)
+
+
+async def leave_while_redis_is_away(gateway: Gateway, leaver: ChatClient) -> None:
+    """``leaver`` hangs up while Redis cannot be reached; then Redis comes back empty."""
+    release = FailOnce(gateway.broker, "release")
+    await leaver.close()
+    async with asyncio.timeout(T):
+        await release.called.wait()
+    await gateway.publisher.drain()
+    await gateway.broker._commands.flushall()
+
+
+async def recover(gateway: Gateway) -> None:
+    """What the liveness loop does once a heartbeat says the registration was lost."""
+    await gateway._recover_registration()
+    gateway.publisher.retry_releases()
+    await gateway.publisher.drain()
+
+
+async def test_a_failed_recovery_is_retried_with_the_same_verdict(gateway: Gateway) -> None:
+    """Restoring fails after the new epoch was read: the retry still knows Redis lost
+    its data and announces the outage's leave."""
+    observer = await user(gateway, "observer")
+    alice = await user(gateway, "alice")
+    await observer.expect("* alice joined the chat")
+    await leave_while_redis_is_away(gateway, alice)
+
+    FailOnce(gateway.broker, "restore_gateway")
+    with pytest.raises(BrokerUnavailable):
+        await gateway._recover_registration()
+    await recover(gateway)
+
+    seen = await observer.expect("* alice left the chat")
+    await observer.send("marker")
+    seen += await observer.expect("observer: marker")
+    assert seen.count("* alice left the chat") == 1, seen
+
+
+async def test_a_failed_forced_leave_is_retried_as_forced(gateway: Gateway) -> None:
+    """Announcing an outage's leave fails once: the retry announces it (a plain release
+    would find nobody and announce nothing), and only once."""
+    observer = await user(gateway, "observer")
+    alice = await user(gateway, "alice")
+    await observer.expect("* alice joined the chat")
+    await leave_while_redis_is_away(gateway, alice)
+
+    force = FailOnce(gateway.broker, "force_leave")
+    await recover(gateway)
+    assert force.calls == 2  # failed in recovery, retried with the other releases
+
+    seen = await observer.expect("* alice left the chat")
+    await observer.send("marker")
+    seen += await observer.expect("observer: marker")
+    assert seen.count("* alice left the chat") == 1, seen
