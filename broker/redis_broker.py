@@ -46,6 +46,11 @@ POLL_INTERVAL = 1.0
 #: Events taken from the subscription in one go, at most: large enough to amortise a
 #: write per client over many messages, small enough to keep each pass short.
 MAX_BATCH = 512
+#: Scripts that append to the room each time they run. A retry after a lost reply would
+#: run them twice (a message or a leave shown twice), so they go out once: a failure is
+#: reported, and the sender is told its line was not delivered. The other scripts give
+#: the same result when repeated and may be retried.
+ONCE_ONLY = frozenset({"publish", "force_leave", "kick"})
 #: Stream pages read backwards, at most, to find the last messages among joins and leaves.
 HISTORY_PAGES = 8
 
@@ -127,13 +132,14 @@ class RedisBroker:
     """Room bus, presence and liveness on one Redis (real, or embedded with fakeredis)."""
 
     def __init__(self, commands: aioredis.Redis, bus: aioredis.Redis, description: str) -> None:
-        """``commands`` serves requests; ``bus`` holds subscriptions and must not retry
-        silently, so that a lost subscription is noticed and the gap replayed."""
+        """``commands`` serves requests and may retry them after a broken link; ``bus``
+        never retries: it holds subscriptions, so that a lost one is noticed and the gap
+        replayed, and it runs the scripts in :data:`ONCE_ONLY`."""
         self._commands = commands
         self._bus = bus
         self.description = description
         self._scripts = {
-            name: commands.register_script(scripts.PRELUDE + body)
+            name: (bus if name in ONCE_ONLY else commands).register_script(scripts.PRELUDE + body)
             for name, body in (
                 ("publish", scripts.PUBLISH),
                 ("claim", scripts.CLAIM),
