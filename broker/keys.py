@@ -15,6 +15,9 @@ key                          type    meaning
                                      instance, started_ms)
 ``chat:gw:{id}:alive``       string  the gateway instance's token; expires unless renewed
 ``chat:gw:{id}:users``       set     folded names held by that gateway (for the reaper)
+``chat:left:{session}``      string  set when a leave Redis could not find (it lost its data)
+                                     was announced for that session: a retry announces
+                                     nothing more; expires after ``LEFT_MARK_TTL_MS``
 ``chat:room:lobby:log``      stream  the room's events, capped, oldest trimmed first
 ``chat:room:lobby``          pubsub  the same events, live: ``<stream id> <JSON>``
 ===========================  ======  ===========================================================
@@ -41,6 +44,14 @@ ROOM_STREAM = f"{PREFIX}room:{ROOM}:log"
 #: replay what a gateway missed during a broker blip of several seconds at high traffic,
 #: small enough (a few MB) to cost nothing in Redis memory.
 STREAM_MAXLEN = 10_000
+
+
+#: How long a forced leave is remembered: far longer than any retry of it takes.
+LEFT_MARK_TTL_MS = 3_600_000
+
+
+def session_left(session_id: str) -> str:
+    return f"{PREFIX}left:{session_id}"
 
 
 def gateway_alive(gateway_id: str) -> str:

@@ -47,10 +47,10 @@ POLL_INTERVAL = 1.0
 #: write per client over many messages, small enough to keep each pass short.
 MAX_BATCH = 512
 #: Scripts that append to the room each time they run. A retry after a lost reply would
-#: run them twice (a message or a leave shown twice), so they go out once: a failure is
-#: reported, and the sender is told its line was not delivered. The other scripts give
-#: the same result when repeated and may be retried.
-ONCE_ONLY = frozenset({"publish", "force_leave", "kick"})
+#: run them twice (a message shown twice), so they go out once: a failure is reported,
+#: and the sender is told its line was not delivered. The other scripts give the same
+#: result when repeated and may be retried.
+ONCE_ONLY = frozenset({"publish", "kick"})
 #: Stream pages read backwards, at most, to find the last messages among joins and leaves.
 HISTORY_PAGES = 8
 
@@ -373,7 +373,13 @@ class RedisBroker:
     async def force_leave(self, key: str, session: str, name: str, gateway: str) -> bool:
         """Announce the leave of a user whose presence Redis lost with its data, unless
         the name is held again by another session. True if announced."""
-        return bool(await self._run("force_leave", (), (key, session, name, gateway)))
+        return bool(
+            await self._run(
+                "force_leave",
+                (keys.session_left(session),),
+                (key, session, name, gateway, keys.LEFT_MARK_TTL_MS),
+            )
+        )
 
     async def epoch(self) -> str:
         """A token that stays the same for as long as Redis keeps its data: compare two

@@ -115,15 +115,18 @@ emit_leave(p)
 return 1
 """
 
-# ARGV[5..8]: name key, session id, display name, gateway id. The leave of a user whose
-# presence Redis lost with its data: announced unless the name is held again by another
-# session (the user is back). Returns 1 if announced.
+# KEYS[6]: the session's "left" mark. ARGV[5..9]: name key, session id, display name,
+# gateway id, mark TTL (ms). The leave of a user whose presence Redis lost with its data:
+# announced unless the name is held again by another session (the user is back) or this
+# session's leave was announced already (a retry after a lost reply). Returns 1 if
+# announced.
 FORCE_LEAVE = """
-local key, session, name, gid = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local key, session, name, gid, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local rec = redis.call('HGET', ONLINE, key)
-if rec then
-  local p = cjson.decode(rec)
-  if p.session ~= session then return 0 end
+local p = rec and cjson.decode(rec)
+if p and p.session ~= session then return 0 end
+if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ttl) then return 0 end
+if p then
   redis.call('HDEL', ONLINE, key)
   redis.call('HDEL', ACTIVITY, key)
   redis.call('SREM', users_key(p.gateway), key)

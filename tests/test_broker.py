@@ -612,6 +612,15 @@ async def test_force_leave_announces_a_forgotten_user_once(broker: RedisBroker) 
     assert [(type(e), e.name) for e in received] == [(UserLeft, "Bob")]
 
 
+async def test_force_leave_repeated_for_a_session_announces_once(broker: RedisBroker) -> None:
+    """A retry of force_leave() (its first reply lost) announces nothing more."""
+    async with broker.subscribe() as events, aclosing(events):
+        assert await broker.force_leave("bob", "s-old", "Bob", "gw1") is True
+        assert await broker.force_leave("bob", "s-old", "Bob", "gw1") is False
+        received = await until_marker(broker, events)
+    assert [(type(e), e.name) for e in received] == [(UserLeft, "Bob")]
+
+
 async def test_epoch_changes_only_when_redis_loses_its_data(broker: RedisBroker) -> None:
     """epoch() is stable while Redis keeps its data, and new after it lost it."""
     first = await broker.epoch()

@@ -3,7 +3,7 @@
 A Redis that runs a script and dies before answering leaves the caller not knowing
 whether it ran. Calls that give the same result when repeated (claim by the same
 session, release, heartbeat...) are retried; calls that append to the room (a message, a
-forced leave) are not, or the room would show them twice. A stand-in server that reads
+kick) are not, or the room would show them twice. A stand-in server that reads
 each script call and hangs up without answering tells how many times each was sent.
 """
 
@@ -84,15 +84,6 @@ async def test_a_message_is_sent_once(
     with pytest.raises(BrokerUnavailable):
         await broker.publish(['{"kind": "message", "name": "alice", "text": "hi"}'])
     assert sent(broker, server, "publish") == 1
-
-
-async def test_a_forced_leave_is_sent_once(
-    broker_on_a_dying_redis: tuple[RedisBroker, HangUpOnScripts],
-) -> None:
-    broker, server = broker_on_a_dying_redis
-    with pytest.raises(BrokerUnavailable):
-        await broker.force_leave("alice", "s1", "alice", "gw1")
-    assert sent(broker, server, "force_leave") == 1
 
 
 async def test_a_release_is_retried(
