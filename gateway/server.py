@@ -66,8 +66,9 @@ DOWN_NOTICE_DELAY = 1.0
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
 #: Seconds closing connections get to flush their last lines at shutdown before being cut.
 CLOSE_WAIT = 2.0
-#: Seconds between cancellations of a background task that has not stopped at shutdown.
-CANCEL_RETRY = 0.1
+#: Seconds between cancellations of a background task that has not stopped at shutdown,
+#: and how many times it is cancelled before the stop goes on without it.
+CANCEL_RETRY, CANCEL_ATTEMPTS = 0.1, 50
 #: Pending connections the kernel queues for us; join storms arrive in bursts.
 BACKLOG = 1024
 
@@ -240,13 +241,17 @@ class Gateway:
         Python 3.11 ``asyncio.wait_for`` (used inside some Redis clients, fakeredis's for
         one) drops a cancellation that arrives as its awaitable completes."""
         pending = set(tasks)
-        while pending:
+        for _ in range(CANCEL_ATTEMPTS):
+            if not pending:
+                return
             for task in pending:
                 task.cancel()
             done, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY)
             for task in done:
                 if not task.cancelled():
                     task.exception()  # retrieved: _background_done/_task_done logged it
+        if pending:
+            log.warning("%d task(s) would not stop; leaving them", len(pending))
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
