@@ -17,10 +17,20 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 T = float(os.environ.get("CHAT_TEST_TIMEOUT", "5"))
 
 BIN = Path(sys.executable).parent
+
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+
+def port_of(gateway: Gateway) -> int:
+    """The port an in-process gateway listens on (it was started on port 0)."""
+    return int(gateway.address.rsplit(":", 1)[1])
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from client.protocol import ServerLine
 from client.session import Backoff, ChatSession
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
-from tests.support import ChatClient, T, free_port
+from tests.support import ChatClient, T, free_port, port_of
 
 Want = str | Callable[[str], bool]
 
@@ -95,10 +95,6 @@ async def start_gateway(port: int = 0) -> Gateway:
     gateway = Gateway(GatewayConfig(host="127.0.0.1", port=port), RedisBroker.embedded())
     await gateway.start()
     return gateway
-
-
-def port_of(gateway: Gateway) -> int:
-    return int(gateway.address.rsplit(":", 1)[1])
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from broker import BrokerUnavailable, RedisBroker
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
-from tests.support import ChatClient, T
+from tests.support import ChatClient, T, port_of
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ async def gateway() -> AsyncIterator[Gateway]:
 
 
 async def user(gateway: Gateway, name: str) -> ChatClient:
-    client = await ChatClient.connect(int(gateway.address.rsplit(":", 1)[1]))
+    client = await ChatClient.connect(port_of(gateway))
     await client.login(name)
     return client
 

@@ -10,7 +10,7 @@ import pytest
 from broker import RedisBroker
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
-from tests.support import ChatClient, T
+from tests.support import ChatClient, T, port_of
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ async def test_stops_promptly_with_a_user_connected(gateway: Gateway) -> None:
     """The leave published at the stop wakes the room subscription just as it is
     cancelled; on Python 3.11 fakeredis's wait_for can lose that cancellation, which
     must not keep the gateway from stopping (the fixture's stop is bounded)."""
-    client = await ChatClient.connect(int(gateway.address.rsplit(":", 1)[1]))
+    client = await ChatClient.connect(port_of(gateway))
     await client.login("alice")
 
 
