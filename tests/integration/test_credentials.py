@@ -140,7 +140,7 @@ async def password_redis() -> AsyncIterator[ConfiguredRedisServer]:
     server = ConfiguredRedisServer(PASSWORD)
     await server.start()
     yield server
-    await server.stop()
+    await server.close()
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ async def tls_redis(tmp_path: Path) -> AsyncIterator[ConfiguredRedisServer]:
     server = ConfiguredRedisServer(PASSWORD, tls=await make_certificates(tmp_path))
     await server.start()
     yield server
-    await server.stop()
+    await server.close()
 
 
 @pytest.fixture
