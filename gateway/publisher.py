@@ -78,23 +78,16 @@ class Publisher:
         for item in failed:
             self._push(item)
 
-    async def force_pending_releases(self) -> int:
+    def force_pending_releases(self) -> int:
         """Redis lost its data with these users' presence, so no release can find them:
-        announce their leaves directly. Returns how many were announced."""
+        queue their leaves to be announced directly, now and on every retry. Returns how
+        many were queued."""
         pending, self._failed = self._failed, []
-        announced = 0
-        for item in pending:
-            if not item.owed:
-                continue  # its claim went with Redis's data; nobody saw it join
-            item.forced = True  # a failure below is retried as forced, never as a release
-            try:
-                announced += await self._force_leave(item)
-            except BrokerUnavailable:
-                self._failed.append(item)
-        return announced
-
-    async def _force_leave(self, item: _Release) -> bool:
-        return await self._broker.force_leave(item.key, item.session_id, item.name, self._gateway)
+        owed = [item for item in pending if item.owed]  # others: nobody saw them join
+        for item in owed:
+            item.forced = True
+            self._push(item)
+        return len(owed)
 
     async def drain(self) -> None:
         """Wait until everything queued so far has been handled."""
@@ -136,7 +129,7 @@ class Publisher:
     async def _release(self, item: _Release) -> None:
         try:
             if item.forced:
-                await self._force_leave(item)
+                await self._broker.force_leave(item.key, item.session_id, item.name, self._gateway)
                 return
             settled = await self._broker.release(item.key, item.session_id, self._gateway)
         except BrokerUnavailable as exc:

@@ -407,8 +407,9 @@ class Gateway:
         if lost_data:
             # Users who left while Redis was away were never announced: their presence
             # went with Redis's data, so no release could find it.
-            announced = await self.publisher.force_pending_releases()
-            log.info("Redis lost its data: %d leave(s) from the outage announced", announced)
+            owed = self.publisher.force_pending_releases()
+            log.info("Redis lost its data: announcing %d leave(s) from the outage", owed)
+            await self.publisher.drain()  # failures among them go with the next retry
 
     # -- hub: what sessions ask of the gateway -------------------------------------------
 
