@@ -16,13 +16,16 @@ from typing import NoReturn, TypeVar
 
 import click
 
-from broker import BrokerError, GatewayRecord, Kick, Presence, RedisBroker, UserLeft, connect
-from gateway.lines import MAX_LINE_BYTES, strip_controls
-from gateway.names import name_key
+from broker import BrokerError, GatewayRecord, Kick, Presence, RedisBroker, connect
+from chatwire.errors import InvalidRoom
+from chatwire.lines import MAX_LINE_BYTES, strip_controls
+from chatwire.names import name_key, room_key, validate_room
 
 T = TypeVar("T")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: Seconds between looks at whether a kicked user has gone.
+KICK_POLL = 0.05
 
 
 def run_on_broker(url: str, action: Callable[[RedisBroker], Awaitable[T]]) -> T:
@@ -96,7 +99,7 @@ def main(ctx: click.Context, redis_url: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @click.pass_obj
 def who(url: str, as_json: bool) -> None:
-    """Everyone online, cluster-wide: name, gateway, since when, and idle time."""
+    """Everyone online, cluster-wide: name, room, gateway, since when, and idle time."""
 
     async def action(broker: RedisBroker) -> list[Presence]:
         users = await broker.online()
@@ -110,6 +113,7 @@ def who(url: str, as_json: bool) -> None:
                 [
                     {
                         "name": u.name,
+                        "room": u.room,
                         "gateway": u.gateway,
                         "since": iso(u.since),
                         "idle_seconds": round(now - (u.active or u.since), 1),
@@ -122,8 +126,11 @@ def who(url: str, as_json: bool) -> None:
             )
         )
         return
-    rows = [[u.name, u.gateway, iso(u.since), duration(now - (u.active or u.since))] for u in users]
-    click.echo(table(["NAME", "GATEWAY", "CONNECTED SINCE", "IDLE"], rows))
+    rows = [
+        [u.name, u.room, u.gateway, iso(u.since), duration(now - (u.active or u.since))]
+        for u in users
+    ]
+    click.echo(table(["NAME", "ROOM", "GATEWAY", "CONNECTED SINCE", "IDLE"], rows))
     click.echo(f"{len(rows)} user(s) online")
 
 
@@ -177,19 +184,23 @@ def kick(url: str, name: str, reason: str, wait: float) -> None:
     """Disconnect NAME, wherever it is connected; everyone sees it leave."""
     reason = " ".join(strip_controls(reason).split())
 
+    key = name_key(name)
+
     async def action(broker: RedisBroker) -> tuple[Kick | None, bool]:
-        async with broker.subscribe() as events:
-            target = await broker.kick(name_key(name), reason)
-            if target is None:
-                return None, False
-            try:
-                async with asyncio.timeout(wait):
-                    async for event in events:
-                        if isinstance(event, UserLeft) and event.session == target.session:
-                            return target, True
-            except TimeoutError:
-                pass
+        target = await broker.kick(key, reason)
+        if target is None:
+            return None, False
+        # The name is freed right after its leave is announced, in whichever room the user
+        # was: presence is the one place to watch, and it publishes nothing, so we look.
+        try:
+            async with asyncio.timeout(wait):
+                while (held := await broker.holder(key)) is not None and (  # noqa: ASYNC110
+                    held.session == target.session
+                ):
+                    await asyncio.sleep(KICK_POLL)
+        except TimeoutError:
             return target, False
+        return target, True
 
     target, left = run_on_broker(url, action)
     if target is None:
@@ -204,14 +215,43 @@ def kick(url: str, name: str, reason: str, wait: float) -> None:
 
 
 @main.command()
-@click.argument("text", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @click.pass_obj
-def announce(url: str, text: tuple[str, ...]) -> None:
-    """Send TEXT to every user on every gateway as a `* [admin] TEXT` line."""
+def rooms(url: str, as_json: bool) -> None:
+    """The rooms that have users, with how many each (as /rooms shows them)."""
+    found = run_on_broker(url, lambda broker: broker.rooms())
+    if as_json:
+        click.echo(
+            json.dumps([{"room": r, "users": n} for r, n in found], ensure_ascii=False, indent=2)
+        )
+        return
+    click.echo(table(["ROOM", "USERS"], [[r, str(n)] for r, n in found]))
+    click.echo(f"{len(found)} room(s)")
+
+
+@main.command()
+@click.argument("text", nargs=-1, required=True)
+@click.option(
+    "--room",
+    default=None,
+    metavar="#ROOM",
+    help="Announce in this room only.  [default: every room]",
+)
+@click.pass_obj
+def announce(url: str, text: tuple[str, ...], room: str | None) -> None:
+    """Send TEXT to the users of every room (or of --room) as a `* [admin] TEXT` line."""
     line = " ".join(strip_controls(" ".join(text)).split())
     if not line:
         fail("nothing to announce")
     if len(line.encode()) > MAX_LINE_BYTES:
         fail(f"an announcement has at most {MAX_LINE_BYTES} bytes")
-    run_on_broker(url, lambda broker: broker.announce(line))
+    key = None
+    if room is not None:
+        try:
+            key = room_key(validate_room(room))
+        except InvalidRoom as exc:
+            fail(f"invalid room name: {exc}")
+    reached = run_on_broker(url, lambda broker: broker.announce(line, key))
+    if room is not None and not reached:
+        fail(f"nobody is in {room}")
     click.echo("announced")

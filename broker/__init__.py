@@ -1,7 +1,9 @@
-"""Everything that talks to Redis: the room bus, presence, gateway liveness.
+"""Everything that talks to Redis: rooms (bus, members, history), presence, private
+delivery, gateway liveness.
 
 The rest of the service sees this narrow interface only; key names live in
-:mod:`broker.keys`, multi-key updates in the Lua scripts of :mod:`broker.scripts`.
+:mod:`broker.keys`, multi-key updates in the Lua scripts of :mod:`broker.scripts`, the bus
+schema in :mod:`broker.events`.
 """
 
 from __future__ import annotations
@@ -10,13 +12,26 @@ from broker.errors import BrokerError, BrokerUnavailable, EventDecodeError, Gate
 from broker.events import (
     Announcement,
     ChatMessage,
+    InboxEvent,
+    PrivateDelivery,
     RoomEvent,
     UserJoined,
     UserKicked,
     UserLeft,
     stream_id_key,
 )
-from broker.redis_broker import Claim, GatewayRecord, Kick, Presence, RedisBroker, redact_url
+from broker.redis_broker import (
+    Claim,
+    Entered,
+    GatewayRecord,
+    Held,
+    Kick,
+    Member,
+    Presence,
+    RedisBroker,
+    redact_url,
+)
+from broker.subscription import Delivery, Subscription
 
 
 def connect(url: str | None) -> RedisBroker:
@@ -33,13 +48,20 @@ __all__ = [
     "BrokerUnavailable",
     "ChatMessage",
     "Claim",
+    "Delivery",
+    "Entered",
     "EventDecodeError",
     "GatewayIdInUse",
     "GatewayRecord",
+    "Held",
+    "InboxEvent",
     "Kick",
+    "Member",
     "Presence",
+    "PrivateDelivery",
     "RedisBroker",
     "RoomEvent",
+    "Subscription",
     "UserJoined",
     "UserKicked",
     "UserLeft",

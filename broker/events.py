@@ -1,11 +1,30 @@
-"""Room events as they travel on the bus, and their encoding.
+"""The bus schema: every event that travels through Redis, and its one encoding.
 
-Every event is appended to the room stream and published in the same atomic step, so each
-carries its stream id: the id orders events cluster-wide and lets a gateway that lost its
-subscription replay exactly what it missed and drop what it already delivered.
+Every event is encoded here, in Python, and handed to the Lua scripts already encoded;
+the scripts only append it to a stream and publish it. Decoding is here too, so each kind
+is spelled once (``tests/test_events.py`` round-trips every kind, through Lua as well).
 
-On the pub/sub channel a message is ``<stream id> <JSON>``; in the stream the JSON is the
-field ``d`` of the entry.
+**Room events** go to a room's stream and channel in one atomic step, so each carries its
+stream id: the id orders the room's events cluster-wide and lets a gateway that lost its
+subscription replay exactly what it missed and drop what it already delivered. On the
+channel a message is ``<stream id> <JSON>``; in the stream the JSON is the entry's field
+``d``.
+
+**Inbox events** go to one gateway's inbox channel only (a private message for one of its
+users, an operator's kick); they are not kept.
+
+=========  =====  ===============================================================
+kind       where  fields
+=========  =====  ===============================================================
+``msg``    room   name, text
+``join``   room   name, gateway, session, room ("" for a login, else the room's
+                  name: the user moved in)
+``leave``  room   name, gateway, session, to ("" for leaving the chat, else the
+                  room the user moved on to)
+``notice`` room   text (an operator's announcement)
+``pm``     inbox  key (the recipient's folded name), sender, text
+``kick``   inbox  key (the folded name of the user to remove), reason
+=========  =====  ===============================================================
 """
 
 from __future__ import annotations
@@ -15,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import EventDecodeError
+
+# --- room events ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,50 +47,108 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True)
 class UserJoined:
+    """``name`` entered the room: by logging in (``room`` empty) or by moving in."""
+
     id: str
     name: str
     gateway: str
     session: str
-    online: int
+    room: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class UserLeft:
+    """``name`` left the room: the chat (``to`` empty) or for the room ``to``."""
+
     id: str
     name: str
     gateway: str
     session: str
+    to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Announcement:
-    """A system line from an operator, for every user."""
+    """A system line from an operator, for every member of the room."""
 
     id: str
     text: str
 
 
+RoomEvent = ChatMessage | UserJoined | UserLeft | Announcement
+
+
+# --- inbox events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateDelivery:
+    """A private message for the user whose folded name is ``key``, on the gateway whose
+    inbox it reached."""
+
+    key: str
+    sender: str
+    text: str
+
+
 @dataclass(frozen=True, slots=True)
 class UserKicked:
-    """An operator asked the gateway holding ``session`` to disconnect it."""
+    """An operator asked the gateway holding name ``key`` to disconnect its user."""
 
-    id: str
-    name: str
-    gateway: str
-    session: str
+    key: str
     reason: str
 
 
-RoomEvent = ChatMessage | UserJoined | UserLeft | Announcement | UserKicked
+InboxEvent = PrivateDelivery | UserKicked
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _encode(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
 def encode_message(name: str, text: str) -> str:
     """The JSON body of a chat message (the id is added by Redis when it is appended)."""
-    return json.dumps({"kind": "msg", "name": name, "text": text})
+    return _encode({"kind": "msg", "name": name, "text": text})
+
+
+def encode_join(name: str, gateway: str, session: str, room: str = "") -> str:
+    return _encode(
+        {"kind": "join", "name": name, "gateway": gateway, "session": session, "room": room}
+    )
+
+
+def encode_leave(name: str, gateway: str, session: str, to: str = "") -> str:
+    return _encode({"kind": "leave", "name": name, "gateway": gateway, "session": session,
+                    "to": to})  # fmt: skip
 
 
 def encode_announcement(text: str) -> str:
-    return json.dumps({"kind": "notice", "text": text})
+    return _encode({"kind": "notice", "text": text})
+
+
+def encode_private(key: str, sender: str, text: str) -> str:
+    return _encode({"kind": "pm", "key": key, "sender": sender, "text": text})
+
+
+def encode_kick(key: str, reason: str) -> str:
+    return _encode({"kind": "kick", "key": key, "reason": reason})
+
+
+def encode_member(name: str, gateway: str) -> str:
+    """A room member's record (the value of its session in the room's members hash)."""
+    return _encode({"name": name, "gateway": gateway})
+
+
+def decode_member(body: str | bytes) -> tuple[str, str]:
+    """(name, gateway) from a member record."""
+    fields = json.loads(body)
+    return str(fields["name"]), str(fields["gateway"])
+
+
+# --- decoding -------------------------------------------------------------------------------
 
 
 def stream_id_key(event_id: str) -> tuple[int, int]:
@@ -79,7 +158,7 @@ def stream_id_key(event_id: str) -> tuple[int, int]:
 
 
 def decode_bus_message(data: bytes | str) -> RoomEvent:
-    """Decode ``<stream id> <JSON>`` from the pub/sub channel."""
+    """Decode ``<stream id> <JSON>`` from a room channel."""
     if isinstance(data, bytes):
         data = data.decode("utf-8", "replace")
     event_id, _, body = data.partition(" ")
@@ -90,11 +169,21 @@ def decode_bus_message(data: bytes | str) -> RoomEvent:
     return decode_event(event_id, body)
 
 
-def decode_event(event_id: str, body: str | bytes) -> RoomEvent:
-    """Decode the JSON body of the event with stream id ``event_id``."""
+def _fields(body: str | bytes, what: str) -> dict[str, Any]:
     try:
-        fields: dict[str, Any] = json.loads(body)
-        kind = fields["kind"]
+        fields = json.loads(body)
+    except ValueError as exc:
+        raise EventDecodeError(f"undecodable {what}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise EventDecodeError(f"undecodable {what}: not an object")
+    return fields
+
+
+def decode_event(event_id: str, body: str | bytes) -> RoomEvent:
+    """Decode the JSON body of the room event with stream id ``event_id``."""
+    fields = _fields(body, f"event {event_id}")
+    kind = fields.get("kind")
+    try:
         if kind == "msg":
             return ChatMessage(event_id, str(fields["name"]), str(fields["text"]))
         if kind == "join":
@@ -103,22 +192,32 @@ def decode_event(event_id: str, body: str | bytes) -> RoomEvent:
                 str(fields["name"]),
                 str(fields["gateway"]),
                 str(fields["session"]),
-                int(fields["online"]),
+                str(fields.get("room") or ""),
             )
         if kind == "leave":
             return UserLeft(
-                event_id, str(fields["name"]), str(fields["gateway"]), str(fields["session"])
-            )
-        if kind == "notice":
-            return Announcement(event_id, str(fields["text"]))
-        if kind == "kick":
-            return UserKicked(
                 event_id,
                 str(fields["name"]),
                 str(fields["gateway"]),
                 str(fields["session"]),
-                str(fields.get("reason") or ""),
+                str(fields.get("to") or ""),
             )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EventDecodeError(f"undecodable event {event_id}: {exc}") from exc
+        if kind == "notice":
+            return Announcement(event_id, str(fields["text"]))
+    except KeyError as exc:
+        raise EventDecodeError(f"event {event_id} lacks {exc}") from exc
     raise EventDecodeError(f"unknown event kind {kind!r} in {event_id}")
+
+
+def decode_inbox(body: str | bytes) -> InboxEvent:
+    """Decode an event from a gateway's inbox channel."""
+    fields = _fields(body, "inbox event")
+    kind = fields.get("kind")
+    try:
+        if kind == "pm":
+            return PrivateDelivery(str(fields["key"]), str(fields["sender"]), str(fields["text"]))
+        if kind == "kick":
+            return UserKicked(str(fields["key"]), str(fields.get("reason") or ""))
+    except KeyError as exc:
+        raise EventDecodeError(f"inbox event lacks {exc}") from exc
+    raise EventDecodeError(f"unknown inbox event kind {kind!r}")

@@ -1,4 +1,5 @@
-"""The broker on Redis: the room bus, presence and gateway liveness.
+"""The broker on Redis: rooms (their bus, members and history), presence, private delivery
+and gateway liveness.
 
 One class serves both a real Redis server and the embedded in-process one (fakeredis): the
 scripts, keys and code paths are the same, only the client objects differ.
@@ -9,15 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -26,10 +27,17 @@ from broker.errors import BrokerUnavailable, EventDecodeError, GatewayIdInUse
 from broker.events import (
     ChatMessage,
     RoomEvent,
-    decode_bus_message,
     decode_event,
+    decode_member,
     encode_announcement,
+    encode_kick,
+    encode_leave,
+    encode_member,
+    encode_private,
 )
+from broker.subscription import Subscription
+from broker.translate import text, unavailable_on_error
+from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +49,11 @@ COMMAND_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
 #: Seconds between PINGs on an idle subscription, so a dead link is noticed.
 HEALTH_CHECK_INTERVAL = 5
-#: Seconds a subscription read waits before looping (and health-checking) again.
-POLL_INTERVAL = 1.0
-#: Events taken from the subscription in one go, at most: large enough to amortise a
-#: write per client over many messages, small enough to keep each pass short.
-MAX_BATCH = 512
-#: Scripts that append to the room each time they run. A retry after a lost reply would
-#: run them twice (a message shown twice), so they go out once: a failure is reported,
-#: and the sender is told its line was not delivered. The other scripts give the same
-#: result when repeated and may be retried.
-ONCE_ONLY = frozenset({"publish", "kick"})
+#: Scripts that add to what users see each time they run. A retry after a lost reply would
+#: run them twice (a message shown twice), so they go out once: a failure is reported, and
+#: the sender is told its line was not delivered. The other scripts give the same result
+#: when repeated (they change a member or a name only once) and may be retried.
+ONCE_ONLY = frozenset({"publish", "send_to_holder"})
 #: Stream pages read backwards, at most, to find the last messages among joins and leaves.
 HISTORY_PAGES = 8
 
@@ -64,6 +67,8 @@ class Presence:
     session: str
     since: float  # Unix time, seconds
     active: float | None = None  # Unix time of the last message, if any since joining
+    room: str = DEFAULT_ROOM  # the room's name as shown
+    room_key: str = DEFAULT_ROOM_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,21 +85,44 @@ class GatewayRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Kick:
-    """Who a kick reached: the user's display name, session and gateway."""
+class Held:
+    """Who holds a name: the user's display name, session and gateway."""
 
     name: str
     session: str
     gateway: str
 
 
+#: What a kick reached (the name as shown, its session and gateway).
+Kick = Held
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The outcome of a name claim: accepted (with the room size, joiner included) or taken."""
+    """The outcome of a name claim: accepted (with the users online, claimer included)."""
 
     accepted: bool
     online: int = 0
-    event_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Entered:
+    """A room after members entered it: its size, its name as shown, and per member entered
+    the stream id of its join ("" if it was a member already or entered silently)."""
+
+    members: int
+    room: str
+    join_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A user entering a room: ``join`` is the encoded join event ("" to enter silently)."""
+
+    session: str
+    name: str
+    gateway: str
+    join: str
 
 
 def redact_url(url: str) -> str:
@@ -119,17 +147,8 @@ def _gateway_record(gateway: str, instance: str, address: str, started: float, t
     )
 
 
-@contextmanager
-def _unavailable_on_error(what: str) -> Iterator[None]:
-    """Translate every Redis failure into :class:`BrokerUnavailable` at the package edge."""
-    try:
-        yield
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BrokerUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
-
-
 class RedisBroker:
-    """Room bus, presence and liveness on one Redis (real, or embedded with fakeredis)."""
+    """Rooms, presence and liveness on one Redis (real, or embedded with fakeredis)."""
 
     def __init__(self, commands: aioredis.Redis, bus: aioredis.Redis, description: str) -> None:
         """``commands`` serves requests and may retry them after a broken link; ``bus``
@@ -139,20 +158,12 @@ class RedisBroker:
         self._bus = bus
         self.description = description
         self._scripts = {
-            name: (bus if name in ONCE_ONLY else commands).register_script(scripts.PRELUDE + body)
-            for name, body in (
-                ("publish", scripts.PUBLISH),
-                ("claim", scripts.CLAIM),
-                ("release", scripts.RELEASE),
-                ("force_leave", scripts.FORCE_LEAVE),
-                ("register", scripts.REGISTER),
-                ("heartbeat", scripts.HEARTBEAT),
-                ("reap", scripts.REAP),
-                ("deregister", scripts.DEREGISTER),
-                ("kick", scripts.KICK),
-                ("restore", scripts.RESTORE),
-                ("touch", scripts.TOUCH),
+            name: (bus if name in ONCE_ONLY else commands).register_script(prelude + body)
+            for prelude, table in (
+                (scripts.GLOBAL_PRELUDE, scripts.GLOBAL_SCRIPTS),
+                (scripts.ROOM_PRELUDE, scripts.ROOM_SCRIPTS),
             )
+            for name, body in table.items()
         }
 
     # -- construction --------------------------------------------------------------------
@@ -205,203 +216,189 @@ class RedisBroker:
 
     # -- scripts -------------------------------------------------------------------------
 
-    async def _run(self, name: str, extra_keys: Sequence[str], args: Sequence[Any]) -> Any:
-        script = self._scripts[name]
-        with _unavailable_on_error(name):
-            return await script(
-                keys=[
-                    keys.ROOM_STREAM,
-                    keys.ROOM_CHANNEL,
-                    keys.ONLINE,
-                    keys.GATEWAYS,
-                    keys.ACTIVITY,
-                    *extra_keys,
-                ],
-                args=[
-                    keys.STREAM_MAXLEN,
-                    keys.GATEWAY_PREFIX,
-                    keys.ALIVE_SUFFIX,
-                    keys.USERS_SUFFIX,
-                    *args,
-                ],
+    async def _global(self, name: str, args: Sequence[Any]) -> Any:
+        with unavailable_on_error(name):
+            return await self._scripts[name](keys=keys.GLOBAL_KEYS, args=[*keys.GLOBAL_ARGS, *args])
+
+    async def _room(
+        self, name: str, room: str, args: Sequence[Any], extra_keys: Sequence[str] = ()
+    ) -> Any:
+        permanent = "1" if room == DEFAULT_ROOM_KEY else "0"
+        with unavailable_on_error(name):
+            return await self._scripts[name](
+                keys=[*keys.room(room).scripts_keys(), *extra_keys],
+                args=[keys.STREAM_MAXLEN, permanent, *args],
             )
 
     async def ping(self) -> None:
-        with _unavailable_on_error("ping"):
+        with unavailable_on_error("ping"):
             await self._commands.ping()
 
-    # -- room bus ------------------------------------------------------------------------
+    # -- rooms ---------------------------------------------------------------------------
 
-    async def publish(self, bodies: Sequence[str]) -> list[str]:
-        """Append chat messages (JSON bodies) to the room and publish them, in order, in
-        one atomic step. Returns their stream ids."""
-        ids = await self._run("publish", (), bodies)
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+    async def publish(self, room: str, bodies: Sequence[str]) -> list[str]:
+        """Append events (encoded) to ``room`` and publish them, in order, in one atomic
+        step. Returns their stream ids (none if the room has gone: nobody is there)."""
+        return [text(i) for i in await self._room("publish", room, bodies)]
+
+    async def enter(self, room: str, shown: str, members: Sequence[Member]) -> Entered:
+        """Make ``members`` members of ``room`` (created, named ``shown``, if new), each
+        join announced once (and never if it was a member already)."""
+        args: list[str] = [shown]
+        for m in members:
+            args += [m.session, encode_member(m.name, m.gateway), m.join]
+        count, name, *ids = await self._room("enter", room, args)
+        return Entered(int(count), text(name), [text(i) for i in ids])
+
+    async def leave(self, room: str, leaves: Sequence[tuple[str, str]]) -> list[str]:
+        """Remove sessions from ``room``, each with its encoded leave event, announced only
+        if it was still a member. Returns the leaves' stream ids ("" where none)."""
+        args = [v for pair in leaves for v in pair]
+        return [text(i) for i in await self._room("leave", room, args)]
+
+    async def force_leave(self, room: str, session: str, event: str) -> bool:
+        """Announce the leave of a member whose membership Redis lost with its data, once
+        per session however often it is retried. True if announced."""
+        mark = keys.room(room).left_mark(session)
+        return bool(
+            await self._room("force_leave", room, (session, event, keys.LEFT_MARK_TTL_MS), [mark])
+        )
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[AsyncIterator[RoomEvent]]:
-        """Subscribe to the room; yields the live events in stream order, one by one.
-
-        Raises :class:`BrokerUnavailable` (on entry or while iterating) when the link
-        breaks; events published meanwhile are recovered with :meth:`events_after`.
-        """
-        async with self.subscribe_batches() as batches:
-
-            async def events() -> AsyncIterator[RoomEvent]:
-                async for batch in batches:
-                    for event in batch:
-                        yield event
-
-            yield events()
-
-    @asynccontextmanager
-    async def subscribe_batches(self) -> AsyncIterator[AsyncIterator[list[RoomEvent]]]:
-        """Like :meth:`subscribe`, but yields every event already received at once as one
-        list: under load one read carries many, and a gateway writes them to each client
-        in one go."""
-        pubsub = self._bus.pubsub(ignore_subscribe_messages=True)
+    async def subscription(self, gateway: str, rooms: Sequence[str]) -> AsyncIterator[Subscription]:
+        """A live subscription to ``gateway``'s inbox and to ``rooms``, confirmed on entry;
+        :class:`BrokerUnavailable` on entry or while iterating when the link breaks.
+        Events published meanwhile are recovered with :meth:`events_after`."""
+        subscription = Subscription(self._bus.pubsub(), gateway)
         try:
-            with _unavailable_on_error("subscribe"):
-                await pubsub.subscribe(keys.ROOM_CHANNEL)
-            yield self._listen(pubsub)
+            await subscription.open(rooms)
+            yield subscription
         finally:
-            with suppress(redis.exceptions.RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await subscription.close()
 
-    async def _listen(self, pubsub: PubSub) -> AsyncIterator[list[RoomEvent]]:
-        while True:
-            with _unavailable_on_error("subscription"):
-                message = await pubsub.get_message(timeout=POLL_INTERVAL)
-                if message is None:
-                    continue
-                messages = [message]
-                # Whatever has arrived already comes without waiting (timeout 0).
-                while len(messages) < MAX_BATCH:
-                    more = await pubsub.get_message(timeout=0)
-                    if more is None:
-                        break
-                    messages.append(more)
-            batch = []
-            for m in messages:
-                if m["type"] != "message":
-                    continue
-                try:
-                    batch.append(decode_bus_message(m["data"]))
-                except EventDecodeError as exc:
-                    log.warning("skipping an event: %s", exc)
-            if batch:
-                yield batch
-
-    async def history(self, count: int, before: str | None = None) -> list[ChatMessage]:
-        """The last ``count`` chat messages (before stream id ``before``), oldest first.
+    async def history(self, room: str, count: int, before: str | None = None) -> list[ChatMessage]:
+        """The last ``count`` chat messages of ``room`` (before stream id ``before``), oldest
+        first.
 
         Joins and leaves share the stream; reading backwards page by page skips them, with a
         bound on pages so a room of only joins and leaves cannot make this scan for long.
         """
         found: list[ChatMessage] = []
         upper = f"({before}" if before else "+"
-        with _unavailable_on_error("history"):
+        page_size = max(4 * count, 64)
+        stream = keys.room(room).stream
+        with unavailable_on_error("history"):
             for _ in range(HISTORY_PAGES):
-                page = await self._commands.xrevrange(
-                    keys.ROOM_STREAM, max=upper, min="-", count=max(4 * count, 64)
-                )
-                for raw_id, fields in page or ():
-                    entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                    try:
-                        event = decode_event(entry_id, (fields or {})[b"d"])
-                    except (EventDecodeError, KeyError):
-                        continue
+                page = await self._commands.xrevrange(stream, max=upper, min="-", count=page_size)
+                for event in _decode_entries(page):
                     if isinstance(event, ChatMessage):
                         found.append(event)
                         if len(found) == count:
                             return found[::-1]
-                if not page or len(page) < max(4 * count, 64):
+                if not page or len(page) < page_size:
                     break
-                last = page[-1][0]
-                upper = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+                upper = "(" + text(page[-1][0] or "")
         return found[::-1]
 
-    async def events_after(self, event_id: str) -> list[RoomEvent]:
-        """Every room event still in the stream after ``event_id``, oldest first."""
-        with _unavailable_on_error("replay"):
-            entries = await self._commands.xrange(keys.ROOM_STREAM, min=f"({event_id}")
-        events: list[RoomEvent] = []
-        for raw_id, fields in entries or ():
-            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-            try:
-                events.append(decode_event(entry_id, (fields or {})[b"d"]))
-            except (EventDecodeError, KeyError) as exc:
-                log.warning("skipping a stream entry %s: %s", entry_id, exc)
-        return events
+    async def events_after(self, room: str, event_id: str) -> list[RoomEvent]:
+        """Every event of ``room`` still in its stream after ``event_id``, oldest first."""
+        with unavailable_on_error("replay"):
+            entries = await self._commands.xrange(keys.room(room).stream, min=f"({event_id}")
+        return _decode_entries(entries, log.warning)
+
+    async def members(self, room: str) -> list[str]:
+        """The names of ``room``'s members, cluster-wide."""
+        with unavailable_on_error("members"):
+            records = await self._commands.hvals(keys.room(room).members)
+        return [decode_member(r)[0] for r in records]
+
+    async def rooms(self) -> list[tuple[str, int]]:
+        """Every room that has members: (name as shown, members)."""
+        users = await self.online()
+        counts: dict[str, tuple[str, int]] = {}
+        for user in users:
+            shown, n = counts.get(user.room_key, (user.room, 0))
+            counts[user.room_key] = (shown, n + 1)
+        return sorted(counts.values(), key=lambda r: (r[0].casefold(), r[0]))
+
+    async def room_name(self, room: str) -> str | None:
+        """``room``'s name as its first member typed it, if it exists."""
+        with unavailable_on_error("room name"):
+            value = await self._commands.get(keys.room(room).name)
+        return None if value is None else text(value)
+
+    async def announce(self, text_: str, room: str | None = None) -> int:
+        """Send a system line to every member of ``room`` (None: of every room that has
+        members, and the default room). Returns how many rooms it reached."""
+        rooms = (
+            [room]
+            if room
+            else sorted({DEFAULT_ROOM_KEY} | {u.room_key for u in await self.online()})
+        )
+        reached = 0
+        for key in rooms:
+            reached += bool(await self.publish(key, [encode_announcement(text_)]))
+        return reached
 
     # -- presence ------------------------------------------------------------------------
 
     async def claim(
-        self,
-        key: str,
-        name: str,
-        gateway: str,
-        instance: str,
-        session: str,
-        since: float,
-        announce: bool = True,
-    ) -> Claim:
-        """Claim name ``key`` for ``session``; on success the join is announced atomically
-        (unless ``announce`` is False: restoring a user Redis forgot, who never left)."""
-        result = await self._run(
-            "claim",
-            (),
-            (key, name, gateway, session, int(since * 1000), instance, "1" if announce else "0"),
+        self, key: str, name: str, gateway: str, instance: str, session: str, since: float,
+        room: str = DEFAULT_ROOM_KEY,
+    ) -> Claim:  # fmt: skip
+        """Claim name ``key`` for ``session``, in ``room``. Its join is the room's
+        business (:meth:`enter`)."""
+        result = await self._global(
+            "claim", (key, name, gateway, session, int(since * 1000), instance, room)
         )
         status = int(result[0])
         if status < 0:
             raise BrokerUnavailable(f"gateway {gateway} is not registered as live")
-        if status == 0:
-            return Claim(False)
-        event_id = result[2].decode() if isinstance(result[2], bytes) else str(result[2])
-        return Claim(True, int(result[1]), event_id)
+        return Claim(True, int(result[1])) if status else Claim(False)
+
+    async def set_room(self, key: str, session: str, room: str) -> bool:
+        """Record that ``session`` is moving to ``room``; False if it no longer holds ``key``."""
+        return bool(await self._global("set_room", (key, session, room)))
 
     async def release(self, key: str, session: str, gateway: str = "") -> bool | None:
-        """Free ``key`` if ``session`` still holds it, announcing the leave; True if it did.
+        """Free ``key`` if ``session`` still holds it; True if it did.
 
         None: nobody holds it and ``gateway`` is not registered, so Redis may have lost its
         data; the gateway decides once registered again (see :meth:`force_leave`).
         """
-        status = int(await self._run("release", (), (key, session, gateway)))
+        status = int(await self._global("release", (key, session, gateway)))
         return None if status < 0 else bool(status)
-
-    async def force_leave(self, key: str, session: str, name: str, gateway: str) -> bool:
-        """Announce the leave of a user whose presence Redis lost with its data, unless
-        the name is held again by another session. True if announced."""
-        return bool(
-            await self._run(
-                "force_leave",
-                (keys.session_left(session),),
-                (key, session, name, gateway, keys.LEFT_MARK_TTL_MS),
-            )
-        )
 
     async def epoch(self) -> str:
         """A token that stays the same for as long as Redis keeps its data: compare two
         readings to learn whether it restarted empty in between."""
-        with _unavailable_on_error("epoch"):
+        with unavailable_on_error("epoch"):
             async with self._commands.pipeline(transaction=True) as pipe:
                 pipe.set(keys.EPOCH, secrets.token_hex(8), nx=True)
                 pipe.get(keys.EPOCH)
                 _, value = await pipe.execute()
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return text(value or "")
 
     async def online(self) -> list[Presence]:
-        """Everyone online, cluster-wide."""
-        with _unavailable_on_error("online"):
+        """Everyone online, cluster-wide, with the room each is in."""
+        with unavailable_on_error("online"):
             async with self._commands.pipeline(transaction=True) as pipe:
                 pipe.hgetall(keys.ONLINE)
                 pipe.hgetall(keys.ACTIVITY)
                 records, activity = await pipe.execute()
+            parsed = [(key, json.loads(raw)) for key, raw in records.items()]
+            room_keys = sorted({f.get("room") or DEFAULT_ROOM_KEY for _, f in parsed})
+            names = (
+                await self._commands.mget([keys.room(r).name for r in room_keys])
+                if room_keys
+                else []
+            )
+        shown = {r: text(n) if n is not None else r for r, n in zip(room_keys, names, strict=True)}
+        shown[DEFAULT_ROOM_KEY] = shown.get(DEFAULT_ROOM_KEY) or DEFAULT_ROOM
         users = []
-        for key, raw in records.items():
-            fields = json.loads(raw)
+        for key, fields in parsed:
             active = activity.get(key)
+            room = fields.get("room") or DEFAULT_ROOM_KEY
             users.append(
                 Presence(
                     fields["name"],
@@ -409,6 +406,8 @@ class RedisBroker:
                     fields["session"],
                     fields["since_ms"] / 1000,
                     int(active) / 1000 if active is not None else None,
+                    shown.get(room, room),
+                    room,
                 )
             )
         return users
@@ -417,22 +416,40 @@ class RedisBroker:
         """Record users' last message times ({name key: Unix time}); one call per batch."""
         if last_active:
             args = [v for key, ts in last_active.items() for v in (key, int(ts * 1000))]
-            await self._run("touch", (), args)
+            await self._global("touch", args)
+
+    async def _send_to_holder(self, key: str, event: str) -> tuple[Held, int] | None:
+        result = await self._global("send_to_holder", (key, event))
+        if not int(result[0]):
+            return None
+        name, session, gateway = (text(v) for v in result[1:4])
+        return Held(name, session, gateway), int(result[4])
+
+    async def send_private(self, key: str, sender: str, message: str) -> str | None:
+        """Deliver ``message`` from ``sender`` to the user whose folded name is ``key``,
+        through that user's gateway alone. Returns the recipient's name as shown; None if
+        nobody by that name is online. :class:`BrokerUnavailable` if it did not go out."""
+        sent = await self._send_to_holder(key, encode_private(key, sender, message))
+        if sent is None:
+            return None
+        held, receivers = sent
+        if not receivers:
+            raise BrokerUnavailable(f"gateway {held.gateway} is not listening")
+        return held.name
 
     async def kick(self, key: str, reason: str) -> Kick | None:
         """Ask the gateway holding name ``key`` to disconnect it. None: nobody has it."""
-        result = await self._run("kick", (), (key, reason))
-        if not int(result[0]):
-            return None
-        name, session, gateway = (
-            v.decode() if isinstance(v, bytes) else str(v) for v in result[1:]
-        )
-        return Kick(name, session, gateway)
+        sent = await self._send_to_holder(key, encode_kick(key, reason))
+        return None if sent is None else sent[0]
 
-    async def announce(self, text: str) -> str:
-        """Send a system line to every user on every gateway; returns its stream id."""
-        (event_id,) = await self.publish([encode_announcement(text)])
-        return event_id
+    async def holder(self, key: str) -> Held | None:
+        """Who holds name ``key`` now, if anyone."""
+        with unavailable_on_error("holder"):
+            raw = await self._commands.hget(keys.ONLINE, key)
+        if raw is None:
+            return None
+        fields = json.loads(raw)
+        return Held(fields["name"], fields["session"], fields["gateway"])
 
     # -- gateway liveness ----------------------------------------------------------------
 
@@ -443,10 +460,12 @@ class RedisBroker:
         evicted (their leaves announced); returns how many. Raises :class:`GatewayIdInUse`
         if another live instance holds the id."""
         record = _gateway_record(gateway, instance, address, started, ttl)
-        ok, evicted = await self._run("register", (), (gateway, instance, record, int(ttl * 1000)))
+        ok, leftovers = await self._global("register", (gateway, instance, record, int(ttl * 1000)))
         if not int(ok):
             raise GatewayIdInUse(f"gateway id {gateway!r} is already used by a live gateway")
-        return int(evicted)
+        if not int(leftovers):
+            return 0
+        return await self.evict(gateway, keep=lambda session: session.startswith(f"{instance}-"))
 
     async def restore_gateway(
         self,
@@ -455,29 +474,34 @@ class RedisBroker:
         address: str,
         started: float,
         ttl: float,
-        users: Sequence[tuple[str, str, str, float, bool]],
+        users: Sequence[tuple[str, str, str, float, str]],
     ) -> list[str]:
         """Register again after the registration was lost, restoring ``users`` (name key,
-        display name, session, since, announce-as-joining) in the same atomic step.
-        Returns the keys another session holds by now; :class:`GatewayIdInUse` if another
-        instance took the id."""
+        display name, session, since, room key) in the same atomic step. Returns the keys
+        another session holds by now; :class:`GatewayIdInUse` if another instance took the
+        id. Room memberships are the caller's to restore (:meth:`enter`)."""
         args: list[Any] = [
             gateway,
             instance,
             _gateway_record(gateway, instance, address, started, ttl),
             int(ttl * 1000),
         ]
-        for key, name, session, since, announce in users:
-            args += [key, name, session, int(since * 1000), "1" if announce else "0"]
-        refused = await self._run("restore", (), args)
-        if refused and refused[0] == -1:
-            raise GatewayIdInUse(f"gateway id {gateway!r} was taken by another instance")
-        return [k.decode() if isinstance(k, bytes) else str(k) for k in refused]
+        for key, name, session, since, room in users:
+            args += [key, name, session, int(since * 1000), room]
+        for _ in range(2):
+            status, *refused = await self._global("restore", args)
+            if int(status) == -2:  # our eviction is under way: finish it, then restore
+                await self.evict(gateway)
+                continue
+            if int(status) == -1:
+                raise GatewayIdInUse(f"gateway id {gateway!r} was taken by another instance")
+            return [text(k) for k in refused]
+        raise BrokerUnavailable(f"gateway {gateway} is still being evicted")
 
     async def heartbeat(self, gateway: str, instance: str, ttl: float) -> bool:
         """Renew liveness. False means the registration was lost (reaped, or Redis lost its
         data) and must be made again; :class:`GatewayIdInUse` if another instance took it."""
-        status = int(await self._run("heartbeat", (), (gateway, instance, int(ttl * 1000))))
+        status = int(await self._global("heartbeat", (gateway, instance, int(ttl * 1000))))
         if status < 0:
             raise GatewayIdInUse(f"gateway id {gateway!r} was taken by another instance")
         return status == 1
@@ -485,17 +509,43 @@ class RedisBroker:
     async def reap_dead_gateways(self) -> dict[str, int]:
         """Forget every gateway whose liveness expired, announcing its users' leaves once.
         Returns {gateway id: users evicted}."""
-        flat = await self._run("reap", (), ())
-        pairs = zip(flat[::2], flat[1::2], strict=True)
-        return {(g.decode() if isinstance(g, bytes) else str(g)): int(n) for g, n in pairs}
+        dead = [text(g) for g in await self._global("reap", ())]
+        return {gateway: await self.evict(gateway) for gateway in dead}
+
+    async def evict(self, gateway: str, keep: Callable[[str], bool] = lambda _s: False) -> int:
+        """Announce the leave of every user ``gateway`` holds (but the sessions ``keep``
+        spares) in the rooms they are in, then free their names. Safe to repeat, and to
+        run from several gateways at once: each leave is announced once. Returns how many
+        users were evicted."""
+        flat = await self._global("held_by", (gateway,))
+        users = []
+        leaves: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for key, raw in zip(flat[::2], flat[1::2], strict=True):
+            fields = json.loads(raw)
+            session = str(fields["session"])
+            if keep(session):
+                continue
+            users.append((text(key), session))
+            event = encode_leave(str(fields["name"]), gateway, session)
+            # The room it was in before its last move too: a move cut short by a crash
+            # may have left it there.
+            for room in {fields.get("room") or DEFAULT_ROOM_KEY, fields.get("prev") or ""} - {""}:
+                leaves[room].append((session, event))
+        for room, pairs in leaves.items():
+            await self.leave(room, pairs)
+        await self._global("forget", (gateway, *(v for pair in users for v in pair)))
+        return len(users)
 
     async def deregister_gateway(self, gateway: str, instance: str) -> int:
-        """A clean stop: announce the leave of every user still held, forget the gateway."""
-        return max(0, int(await self._run("deregister", (), (gateway, instance))))
+        """A clean stop: announce the leave of every user still held, forget the gateway.
+        Returns how many users were evicted."""
+        evicted = await self.evict(gateway)
+        await self._global("deregister", (gateway, instance))
+        return evicted
 
     async def gateways(self) -> list[GatewayRecord]:
         """Every registered gateway, with its user count and time left on its liveness."""
-        with _unavailable_on_error("gateways"):
+        with unavailable_on_error("gateways"):
             records = await self._commands.hvals(keys.GATEWAYS)
             parsed = [json.loads(raw) for raw in records]
             async with self._commands.pipeline(transaction=False) as pipe:
@@ -518,3 +568,15 @@ class RedisBroker:
                 )
             )
         return result
+
+
+def _decode_entries(entries: Any, warn: Callable[..., None] | None = None) -> list[RoomEvent]:
+    events: list[RoomEvent] = []
+    for raw_id, fields in entries or ():
+        entry_id = text(raw_id)
+        try:
+            events.append(decode_event(entry_id, (fields or {})[b"d"]))
+        except (EventDecodeError, KeyError) as exc:
+            if warn is not None:
+                warn("skipping a stream entry %s: %s", entry_id, exc)
+    return events

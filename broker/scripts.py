@@ -1,27 +1,50 @@
 """The Lua scripts behind every update that touches more than one key.
 
 Each script runs atomically in Redis, which is what makes the cluster-wide guarantees hold:
-two gateways racing for one name cannot both win, a leave is announced exactly once however
-many gateways try to reap the same dead peer, and a room event's stream id is its delivery
-order (it is appended to the stream and published in one step).
+two gateways racing for one name cannot both win, a join or leave is announced exactly once
+however many gateways try (the member is added or removed in the same step, and only the
+step that changes it announces), and a room event's stream id is its delivery order (it is
+appended to the stream and published in one step).
 
-Calling convention, shared by all scripts so that the prelude can name things:
+Every script touches the keys of one Redis Cluster slot: the **global** scripts the
+``{chat}`` keys, the **room** scripts one room's keys. Events arrive already encoded
+(:mod:`broker.events`); the scripts never build one.
 
-* ``KEYS = [stream, channel, online, gateways, activity, ...]``
-* ``ARGV = [stream maxlen, gateway key prefix, alive suffix, users suffix, ...]``
+Calling conventions, shared so that the preludes can name things:
 
-Per-gateway keys are built inside the scripts from that prefix and those suffixes, which
-:mod:`broker.keys` supplies; the scripts spell no key names of their own.
+* global: ``KEYS = [online, gateways, activity, reaping]``,
+  ``ARGV = [gateway key prefix, alive suffix, users suffix, inbox suffix, ...]``; per-gateway
+  keys are built from that prefix and those suffixes (:mod:`broker.keys` supplies them);
+* room: ``KEYS = [stream, channel, members, name, ...]``,
+  ``ARGV = [stream maxlen, "1" if the room is permanent else "0", ...]``.
 """
 
 from __future__ import annotations
 
-PRELUDE = """
-local STREAM, CHANNEL, ONLINE, GATEWAYS, ACTIVITY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local MAXLEN, GW_PREFIX, ALIVE_SUFFIX, USERS_SUFFIX = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+GLOBAL_PRELUDE = """
+local ONLINE, GATEWAYS, ACTIVITY, REAPING = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local GW_PREFIX, ALIVE_SUFFIX, USERS_SUFFIX, INBOX_SUFFIX = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local function alive_key(gid) return GW_PREFIX .. gid .. ALIVE_SUFFIX end
 local function users_key(gid) return GW_PREFIX .. gid .. USERS_SUFFIX end
+local function inbox(gid) return GW_PREFIX .. gid .. INBOX_SUFFIX end
+
+-- The gateway record's instance token, or false.
+local function registered_instance(gid)
+  local rec = redis.call('HGET', GATEWAYS, gid)
+  if not rec then return false end
+  return cjson.decode(rec).instance
+end
+
+local function presence(name, gid, session, since, room)
+  return cjson.encode({name=name, gateway=gid, session=session, since_ms=tonumber(since),
+                       room=room, prev=''})
+end
+"""
+
+ROOM_PRELUDE = """
+local STREAM, CHANNEL, MEMBERS, NAME = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local MAXLEN, PERMANENT = ARGV[1], ARGV[2] == '1'
 
 -- Append an event to the room stream and publish it with its id: one order for both.
 local function emit(data)
@@ -30,75 +53,109 @@ local function emit(data)
   return id
 end
 
-local function emit_leave(p)
-  return emit(cjson.encode({kind='leave', name=p.name, gateway=p.gateway, session=p.session}))
-end
-
--- Remove every user a gateway holds, announcing each leave once. Returns how many.
-local function evict(gid)
-  local n = 0
-  for _, key in ipairs(redis.call('SMEMBERS', users_key(gid))) do
-    local rec = redis.call('HGET', ONLINE, key)
-    if rec then
-      local p = cjson.decode(rec)
-      if p.gateway == gid then
-        redis.call('HDEL', ONLINE, key)
-        redis.call('HDEL', ACTIVITY, key)
-        emit_leave(p)
-        n = n + 1
-      end
-    end
+-- A room is gone with its last member (the default room stays).
+local function vacate()
+  if not PERMANENT and redis.call('EXISTS', MEMBERS) == 0 then
+    redis.call('DEL', STREAM, NAME)
   end
-  redis.call('DEL', users_key(gid))
-  return n
-end
-
--- The gateway record's instance token, or false.
-local function registered_instance(gid)
-  local rec = redis.call('HGET', GATEWAYS, gid)
-  if not rec then return false end
-  return cjson.decode(rec).instance
 end
 """
 
-# ARGV[5..]: JSON bodies of chat messages. Returns their stream ids, in order.
+# --- room scripts ---------------------------------------------------------------------------
+
+# ARGV[3..]: encoded events. Returns their stream ids, in order; none if the room has no
+# members any more (a room other than the default one is gone then, and stays gone).
 PUBLISH = """
+if not PERMANENT and redis.call('EXISTS', MEMBERS) == 0 then return {} end
 local ids = {}
-for i = 5, #ARGV do ids[#ids + 1] = emit(ARGV[i]) end
+for i = 3, #ARGV do ids[#ids + 1] = emit(ARGV[i]) end
 return ids
 """
 
-# ARGV[5..11]: name key, display name, gateway id, session id, since (ms), instance,
-# announce ("1": emit the join event; "0": a silent restore after Redis lost its data).
-# Returns {1, online, join event id or ""} | {0} when taken | {-1} when the gateway is not
-# live.
+# ARGV[3]: the room's name as typed, kept if the room is new; then triples: session, member
+# record, join event ("": enter silently). Each session not yet a member is added and its
+# join announced. Returns {members, the room's name, then per triple the join's stream id
+# or "" (already a member, or silent)}.
+ENTER = """
+redis.call('SET', NAME, ARGV[3], 'NX')
+local ids = {}
+for i = 4, #ARGV, 3 do
+  local id = ''
+  if redis.call('HSETNX', MEMBERS, ARGV[i], ARGV[i + 1]) == 1 and ARGV[i + 2] ~= '' then
+    id = emit(ARGV[i + 2])
+  end
+  ids[#ids + 1] = id
+end
+local result = {redis.call('HLEN', MEMBERS), redis.call('GET', NAME)}
+for _, id in ipairs(ids) do result[#result + 1] = id end
+return result
+"""
+
+# ARGV[3..]: pairs of session, leave event. Each session still a member is removed and its
+# leave announced. Returns, per pair, the leave's stream id or "" (not a member: already
+# gone, so nothing to announce).
+LEAVE = """
+local ids = {}
+for i = 3, #ARGV, 2 do
+  local id = ''
+  if redis.call('HDEL', MEMBERS, ARGV[i]) == 1 then id = emit(ARGV[i + 1]) end
+  ids[#ids + 1] = id
+end
+vacate()
+return ids
+"""
+
+# KEYS[5]: the session's "left" mark. ARGV[3..5]: session, leave event, mark TTL (ms).
+# The leave of a user whose membership Redis lost with its data: announced unless this
+# session's leave was announced already (a retry after a lost reply). Returns 1 if
+# announced.
+FORCE_LEAVE = """
+local session, event, ttl = ARGV[3], ARGV[4], ARGV[5]
+if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ttl) then return 0 end
+redis.call('HDEL', MEMBERS, session)
+emit(event)
+vacate()
+return 1
+"""
+
+# --- global scripts -------------------------------------------------------------------------
+
+# ARGV[5..11]: name key, display name, gateway id, session id, since (ms), instance, room.
+# Returns {1, users online} | {0} when taken | {-1} when the gateway is not live.
 CLAIM = """
-local key, name, gid, session, since, instance, announce =
+local key, name, gid, session, since, instance, room =
   ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 if redis.call('GET', alive_key(gid)) ~= instance then return {-1} end
 local held = redis.call('HGET', ONLINE, key)
 if held then
-  -- Already ours (a restore racing a fresh login of the same session) is a success.
-  if cjson.decode(held).session == session then
-    return {1, redis.call('HLEN', ONLINE), ''}
-  end
+  -- Already ours (a retry whose first reply was lost) is a success.
+  if cjson.decode(held).session == session then return {1, redis.call('HLEN', ONLINE)} end
   return {0}
 end
-redis.call('HSET', ONLINE, key, cjson.encode(
-  {name=name, gateway=gid, session=session, since_ms=tonumber(since)}))
+redis.call('HSET', ONLINE, key, presence(name, gid, session, since, room))
 redis.call('SADD', users_key(gid), key)
 redis.call('HDEL', ACTIVITY, key)
-local online = redis.call('HLEN', ONLINE)
-if announce ~= '1' then return {1, online, ''} end
-local id = emit(cjson.encode(
-  {kind='join', name=name, gateway=gid, session=session, online=online}))
-return {1, online, id}
+return {1, redis.call('HLEN', ONLINE)}
 """
 
-# ARGV[5..7]: name key, session id, gateway id. Returns 1 if this session held the name
-# (leave announced); 0 if it did not (already released or reaped: nothing to announce);
-# -1 if nobody holds it and the gateway is not registered either: Redis may have lost its
-# data, and only the gateway, once registered again, can tell whether a leave is owed.
+# ARGV[5..7]: name key, session id, room key. Records that the session is moving to that
+# room (the room it was in stays as `prev` until the next move, so that whoever evicts the
+# user looks in both). Returns 1, or 0 if the session does not hold the name.
+SET_ROOM = """
+local key, session, room = ARGV[5], ARGV[6], ARGV[7]
+local rec = redis.call('HGET', ONLINE, key)
+if not rec then return 0 end
+local p = cjson.decode(rec)
+if p.session ~= session then return 0 end
+if p.room ~= room then p.prev, p.room = p.room, room end
+redis.call('HSET', ONLINE, key, cjson.encode(p))
+return 1
+"""
+
+# ARGV[5..7]: name key, session id, gateway id. Frees the name if this session holds it.
+# Returns 1 freed; 0 not held by this session (already released or reaped); -1 nobody holds
+# it and the gateway is not registered either: Redis may have lost its data, and only the
+# gateway, once registered again, can tell whether a leave is owed.
 RELEASE = """
 local key, session, gid = ARGV[5], ARGV[6], ARGV[7]
 local rec = redis.call('HGET', ONLINE, key)
@@ -111,42 +168,19 @@ if p.session ~= session then return 0 end
 redis.call('HDEL', ONLINE, key)
 redis.call('HDEL', ACTIVITY, key)
 redis.call('SREM', users_key(p.gateway), key)
-emit_leave(p)
-return 1
-"""
-
-# KEYS[6]: the session's "left" mark. ARGV[5..9]: name key, session id, display name,
-# gateway id, mark TTL (ms). The leave of a user whose presence Redis lost with its data:
-# announced unless the name is held again by another session (the user is back) or this
-# session's leave was announced already (a retry after a lost reply). Returns 1 if
-# announced.
-FORCE_LEAVE = """
-local key, session, name, gid, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local rec = redis.call('HGET', ONLINE, key)
-local p = rec and cjson.decode(rec)
-if p and p.session ~= session then return 0 end
-if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ttl) then return 0 end
-if p then
-  redis.call('HDEL', ONLINE, key)
-  redis.call('HDEL', ACTIVITY, key)
-  redis.call('SREM', users_key(p.gateway), key)
-end
-emit_leave({name=name, gateway=gid, session=session})
 return 1
 """
 
 # ARGV[5..8]: gateway id, instance, gateway record JSON, liveness TTL (ms).
-# Returns {1, users evicted from an earlier run under this id} | {0, 0} if the id is live
-# under another instance.
+# Returns {1, users left over from an earlier run under this id (still to evict)} | {0, 0}
+# if the id is live under another instance.
 REGISTER = """
 local gid, instance, record, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local current = redis.call('GET', alive_key(gid))
 if current and current ~= instance then return {0, 0} end
-local evicted = 0
-if not current then evicted = evict(gid) end
 redis.call('SET', alive_key(gid), instance, 'PX', ttl)
 redis.call('HSET', GATEWAYS, gid, record)
-return {1, evicted}
+return {1, redis.call('SCARD', users_key(gid))}
 """
 
 # ARGV[5..7]: gateway id, instance, liveness TTL (ms).
@@ -163,43 +197,73 @@ if current then return -1 end
 return 0
 """
 
-# Reaps every registered gateway whose liveness key has expired: its users' leaves are
-# announced and it is forgotten. Returns {gid, users evicted, gid, users evicted, ...}.
+# Every registered gateway whose liveness key has expired is forgotten and queued for
+# eviction. Returns every gateway still queued (this call's and any earlier reaper's that
+# did not finish): whoever calls evicts their users.
 REAP = """
-local reaped = {}
 for _, gid in ipairs(redis.call('HKEYS', GATEWAYS)) do
   if redis.call('EXISTS', alive_key(gid)) == 0 then
-    local n = evict(gid)
     redis.call('HDEL', GATEWAYS, gid)
-    reaped[#reaped + 1] = gid
-    reaped[#reaped + 1] = n
+    redis.call('SADD', REAPING, gid)
   end
 end
-return reaped
+return redis.call('SMEMBERS', REAPING)
 """
 
-# ARGV[5..6]: gateway id, instance. A clean stop: every user's leave is announced and the
-# gateway forgotten. Returns the number of users evicted, or -1 if the id is not ours.
+# ARGV[5]: gateway id. The presence records of the users it holds: {key, record, ...}.
+HELD_BY = """
+local gid = ARGV[5]
+local out = {}
+for _, key in ipairs(redis.call('SMEMBERS', users_key(gid))) do
+  local rec = redis.call('HGET', ONLINE, key)
+  if rec and cjson.decode(rec).gateway == gid then
+    out[#out + 1] = key
+    out[#out + 1] = rec
+  else
+    redis.call('SREM', users_key(gid), key)
+  end
+end
+return out
+"""
+
+# ARGV[5]: gateway id; then pairs of name key, session id. Frees those names (their leaves
+# were announced in their rooms); once the gateway holds none, it leaves the reaping queue.
+# Returns the number of names it still holds.
+FORGET = """
+local gid = ARGV[5]
+for i = 6, #ARGV, 2 do
+  local rec = redis.call('HGET', ONLINE, ARGV[i])
+  if rec and cjson.decode(rec).session == ARGV[i + 1] then
+    redis.call('HDEL', ONLINE, ARGV[i])
+    redis.call('HDEL', ACTIVITY, ARGV[i])
+  end
+  redis.call('SREM', users_key(gid), ARGV[i])
+end
+local left = redis.call('SCARD', users_key(gid))
+if left == 0 then redis.call('SREM', REAPING, gid) end
+return left
+"""
+
+# ARGV[5..6]: gateway id, instance. The end of a clean stop (its users evicted already):
+# the gateway is forgotten. Returns 1, or -1 if the id is not ours.
 DEREGISTER = """
 local gid, instance = ARGV[5], ARGV[6]
 local current = redis.call('GET', alive_key(gid))
 if current and current ~= instance then return -1 end
-local n = evict(gid)
 redis.call('DEL', alive_key(gid))
 if registered_instance(gid) == instance then redis.call('HDEL', GATEWAYS, gid) end
-return n
+return 1
 """
 
-# ARGV[5..6]: name key, reason. Asks the gateway holding the name to disconnect it.
-# Returns {1, name, session, gateway} | {0} if nobody holds the name.
-KICK = """
-local key, reason = ARGV[5], ARGV[6]
-local rec = redis.call('HGET', ONLINE, key)
+# ARGV[5..6]: name key, encoded inbox event. Sends the event to the gateway holding the
+# name, and to no other. Returns {1, display name, session, gateway, receivers} | {0} if
+# nobody holds the name.
+SEND_TO_HOLDER = """
+local rec = redis.call('HGET', ONLINE, ARGV[5])
 if not rec then return {0} end
 local p = cjson.decode(rec)
-emit(cjson.encode({kind='kick', name=p.name, gateway=p.gateway, session=p.session,
-                   reason=reason}))
-return {1, p.name, p.session, p.gateway}
+local receivers = redis.call('PUBLISH', inbox(p.gateway), ARGV[6])
+return {1, p.name, p.session, p.gateway, receivers}
 """
 
 # ARGV[5..]: name key, ms, name key, ms, ... Last activity of users still online.
@@ -213,33 +277,52 @@ return 1
 """
 
 # ARGV[5..8]: gateway id, instance, gateway record JSON, liveness TTL (ms); then groups of
-# five: name key, display name, session id, since (ms), announce ("1" or "0").
-# A gateway whose registration was lost (reaped, or Redis lost its data) registers again
-# and restores its users in one step, so that no release can slip in between and find a
-# user neither gone nor restored. Returns the name keys held meanwhile by other sessions,
-# or {-1} if another instance holds the gateway id.
+# five: name key, display name, session id, since (ms), room key. A gateway whose
+# registration was lost (reaped, or Redis lost its data) registers again and restores its
+# users' presence in one step, so that no release can slip in between and find a user
+# neither gone nor restored. Returns {1, name keys held meanwhile by other sessions...},
+# {-1} if another instance holds the gateway id, or {-2} while the gateway's eviction is
+# still under way (finish it, then call again).
 RESTORE = """
 local gid, instance, record, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+if redis.call('SISMEMBER', REAPING, gid) == 1 then return {-2} end
 local current = redis.call('GET', alive_key(gid))
 if current and current ~= instance then return {-1} end
 redis.call('SET', alive_key(gid), instance, 'PX', ttl)
 redis.call('HSET', GATEWAYS, gid, record)
-local refused = {}
+local result = {1}
 for i = 9, #ARGV, 5 do
-  local key, name, session, since, announce =
+  local key, name, session, since, room =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local held = redis.call('HGET', ONLINE, key)
   if held then
-    if cjson.decode(held).session ~= session then refused[#refused + 1] = key end
+    if cjson.decode(held).session ~= session then result[#result + 1] = key end
   else
-    redis.call('HSET', ONLINE, key, cjson.encode(
-      {name=name, gateway=gid, session=session, since_ms=tonumber(since)}))
+    redis.call('HSET', ONLINE, key, presence(name, gid, session, since, room))
     redis.call('SADD', users_key(gid), key)
-    if announce == '1' then
-      emit(cjson.encode({kind='join', name=name, gateway=gid, session=session,
-                         online=redis.call('HLEN', ONLINE)}))
-    end
   end
 end
-return refused
+return result
 """
+
+GLOBAL_SCRIPTS = {
+    "claim": CLAIM,
+    "set_room": SET_ROOM,
+    "release": RELEASE,
+    "register": REGISTER,
+    "heartbeat": HEARTBEAT,
+    "reap": REAP,
+    "held_by": HELD_BY,
+    "forget": FORGET,
+    "deregister": DEREGISTER,
+    "send_to_holder": SEND_TO_HOLDER,
+    "touch": TOUCH,
+    "restore": RESTORE,
+}
+
+ROOM_SCRIPTS = {
+    "publish": PUBLISH,
+    "enter": ENTER,
+    "leave": LEAVE,
+    "force_leave": FORCE_LEAVE,
+}

@@ -10,9 +10,9 @@ import enum
 import re
 from dataclasses import dataclass
 
-from gateway.errors import LocalProtocolError
-from gateway.lines import MAX_LINE_BYTES, LineBuffer, TooLong, strip_controls
-from gateway.protocol import PROMPT, QUIT_WORDS, notice_line
+from chatwire.errors import LocalProtocolError
+from chatwire.lines import MAX_LINE_BYTES, LineBuffer, TooLong, strip_controls
+from chatwire.texts import PROMPT, QUIT_WORDS, notice_line
 
 #: Longest server line accepted: a chat line is a name, ": " and a client line of at most
 #: MAX_LINE_BYTES; twice that leaves room for any prefix while still bounding memory.

@@ -2,117 +2,35 @@
 
 Nothing here touches a socket or an event loop. The asyncio adapter (:mod:`gateway.session`)
 feeds received bytes to :meth:`ServerProtocol.receive_data`, acts on the events from
-:meth:`ServerProtocol.events_received` (claim a name, publish a message, ...) and writes
-:meth:`ServerProtocol.data_to_send` to the transport. Everything the protocol can answer on
-its own (bad names, over-long lines, unknown commands, ``/help``) it answers on its own.
+:meth:`ServerProtocol.events_received` (claim a name, publish a message, serve a command)
+and writes :meth:`ServerProtocol.data_to_send` to the transport. Everything the protocol can
+answer on its own (bad names, over-long lines, unknown commands and bad arguments,
+``/help``, ``/join`` of the room one is in) it answers on its own.
 
-The wire format is written down in PROTOCOL.md; the strings that make it are all here.
+The wire format is written down in PROTOCOL.md; its words live in :mod:`chatwire`.
 """
 
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.errors import InvalidName, LocalProtocolError
-from gateway.lines import MAX_LINE_BYTES, LineBuffer, TooLong, strip_controls
-from gateway.names import name_key, validate_name
-
-# --- what the server says ----------------------------------------------------------------
-
-PROMPT = "Choose a name:"
-QUIT_WORDS = frozenset({"sair", "/quit"})
-#: Most messages one /history may ask for; the stream keeps more, a screen shows fewer.
-MAX_HISTORY = 100
-
-HELP = (
-    "Commands:",
-    "  /who          list everyone online",
-    f"  /history [N]  the last N messages (1 to {MAX_HISTORY})",
-    "  /help         this help",
-    "  /quit         leave the chat (sair works too)",
-    "  //text        send a message that starts with '/'",
+from chatwire.commands import HELP, Help, Join, Quit, Request, parse_command
+from chatwire.errors import InvalidName, LocalProtocolError, PeerProtocolError
+from chatwire.lines import LineBuffer, TooLong, strip_controls
+from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY, name_key, validate_name
+from chatwire.texts import (
+    LINE_TOO_LONG_TEXT,
+    PROMPT,
+    QUIT_WORDS,
+    already_in_text,
+    error_line,
+    goodbye_text,
+    in_room_text,
+    notice_line,
+    welcome_text,
 )
-SERVICE_DOWN_TEXT = (
-    "The message service is unavailable: nothing you send is delivered until it is back."
-)
-SERVICE_BACK_TEXT = "The message service is back."
-
-
-def slow_down_text(rate: float) -> str:
-    return f"slow down: at most {rate:g} lines a second; lines over the limit are not sent"
-
-
-FLOODING_TEXT = "disconnected for flooding"
-RESTART_TEXT = "Server restarting: please reconnect."
-UNAVAILABLE_TEXT = "the chat service is unavailable right now; try again in a moment"
-NOT_DELIVERED_TEXT = "not delivered: the chat service is unavailable; try again"
-WHO_UNAVAILABLE_TEXT = "the user list is unavailable right now; try again"
-NAME_LOST_TEXT = "your name was taken while the service was interrupted"
-NO_HISTORY_TEXT = "No messages to show."
-
-
-def name_taken_text(name: str) -> str:
-    return f"the name {name} is taken; choose another"
-
-
-SERVER_FULL_TEXT = "this server is full; try again later"
-TOO_MANY_FROM_ADDRESS_TEXT = "too many connections from your address"
-
-
-def chat_line(name: str, text: str) -> bytes:
-    """A room message as every recipient sees it: ``NAME: TEXT``."""
-    return f"{name}: {text}\n".encode()
-
-
-def notice_line(text: str) -> bytes:
-    """A system line (``* ``): joins, leaves, welcomes, lists."""
-    return f"* {text}\n".encode()
-
-
-def error_line(text: str) -> bytes:
-    """An error line (``! ``): what the client sent was refused; the connection stays open."""
-    return f"! {text}\n".encode()
-
-
-def joined_text(name: str) -> str:
-    return f"{name} joined the chat"
-
-
-def left_text(name: str) -> str:
-    return f"{name} left the chat"
-
-
-def welcome_text(name: str, online: int) -> str:
-    people = "1 user" if online == 1 else f"{online} users"
-    return f"Welcome, {name}! {people} online. Type /help for commands, sair or /quit to leave."
-
-
-def announcement_text(text: str) -> str:
-    return f"[admin] {text}"
-
-
-def kicked_text(reason: str) -> str:
-    return f"removed by an operator: {reason}" if reason else "removed by an operator"
-
-
-def goodbye_text(name: str | None) -> str:
-    return f"Goodbye, {name}!" if name else "Goodbye!"
-
-
-def history_text(name: str, text: str, timestamp: float) -> str:
-    """A past message, marked so that it cannot pass for a live one."""
-    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
-    return f"[history {when} UTC] {name}: {text}"
-
-
-def who_texts(names: Iterable[str]) -> list[str]:
-    """The ``/who`` answer: a count, then one line per user, sorted as people read lists."""
-    ordered = sorted(names, key=lambda n: (n.casefold(), n))
-    people = "1 user" if len(ordered) == 1 else f"{len(ordered)} users"
-    return [f"{people} online:", *(f"  {name}" for name in ordered)]
 
 
 def _is_quit(line: str) -> bool:
@@ -132,21 +50,18 @@ class NameRequested:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    """A chat line to relay to the room, control characters already removed."""
+    """A chat line to relay to the current room, control characters already removed."""
 
     text: str
 
 
 @dataclass(frozen=True, slots=True)
-class WhoRequested:
-    """The client asked for the list of online users."""
+class CommandRequested:
+    """A command the gateway serves (everything but ``/help`` and ``/quit``). For a
+    :class:`~chatwire.commands.Join` the protocol holds further input until
+    :meth:`ServerProtocol.moved` or :meth:`ServerProtocol.move_failed`."""
 
-
-@dataclass(frozen=True, slots=True)
-class HistoryRequested:
-    """The client asked for the last ``count`` messages (None: the gateway's default)."""
-
-    count: int | None
+    request: Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +74,7 @@ class PeerClosed:
     """The client closed its side (EOF) after the lines it sent before."""
 
 
-Event = (
-    NameRequested | MessageReceived | WhoRequested | HistoryRequested | QuitRequested | PeerClosed
-)
+Event = NameRequested | MessageReceived | CommandRequested | QuitRequested | PeerClosed
 
 
 # --- states ------------------------------------------------------------------------------
@@ -171,6 +84,7 @@ class State(enum.Enum):
     AWAITING_NAME = "awaiting name"
     CLAIMING = "claiming name"  # input is held back until the claim is decided
     CHATTING = "chatting"
+    MOVING = "changing rooms"  # input is held back until the move is done
     CLOSED = "closed"
 
 
@@ -179,6 +93,8 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     (State.AWAITING_NAME, "name"): State.CLAIMING,
     (State.CLAIMING, "accept"): State.CHATTING,
     (State.CLAIMING, "reject"): State.AWAITING_NAME,
+    (State.CHATTING, "move"): State.MOVING,
+    (State.MOVING, "moved"): State.CHATTING,
     **{(s, "close"): State.CLOSED for s in State},
 }
 
@@ -188,7 +104,17 @@ _READING = frozenset({State.AWAITING_NAME, State.CHATTING})
 class ServerProtocol:
     """One client connection's protocol state. Not thread-safe; one per connection."""
 
-    __slots__ = ("_drained", "_eof", "_lines", "_outbox", "_proposed", "_state", "name")
+    __slots__ = (
+        "_drained",
+        "_eof",
+        "_lines",
+        "_outbox",
+        "_proposed",
+        "_state",
+        "name",
+        "room",
+        "room_key",
+    )
 
     def __init__(self) -> None:
         self._lines = LineBuffer()
@@ -199,6 +125,9 @@ class ServerProtocol:
         self._proposed: str | None = None
         #: The accepted display name, once the claim succeeded.
         self.name: str | None = None
+        #: The current room (display form) and its key: the default room from login on.
+        self.room = DEFAULT_ROOM
+        self.room_key = DEFAULT_ROOM_KEY
 
     @property
     def state(self) -> State:
@@ -218,9 +147,10 @@ class ServerProtocol:
     def events_received(self) -> list[Event]:
         """Parse buffered input into events, as far as the state allows.
 
-        While a name claim is pending nothing is parsed: lines wait in the buffer, so the
-        first message of a user is never handled before the user exists. (The adapter stops
-        reading the socket meanwhile, so what waits is at most one read's worth.)
+        While a name claim or a move is pending nothing is parsed: lines wait in the buffer,
+        so a user's first message is never handled before the user exists, and a line typed
+        after ``/join`` goes to the new room. (The adapter stops reading the socket
+        meanwhile, so what waits is at most one read's worth.)
         """
         events: list[Event] = []
         while self._state in _READING:
@@ -251,6 +181,18 @@ class ServerProtocol:
         self._proposed = None
         self.send_error(reason)
         self.send_notice(PROMPT)
+
+    def moved(self, room: str, key: str, members: int) -> None:
+        """The move is done: ``room`` (as it is shown) is the current room now."""
+        self._move("moved")
+        self.room, self.room_key = room, key
+        self.send_notice(in_room_text(room, members))
+
+    def move_failed(self, reason: str = "") -> None:
+        """The move did not happen (say why, if ``reason``); the room stays what it was."""
+        self._move("moved")
+        if reason:
+            self.send_error(reason)
 
     def close(self, notice: str | None = None) -> None:
         """Stop reading; queue a last ``* `` line if given (safe to call twice)."""
@@ -286,7 +228,7 @@ class ServerProtocol:
 
     def _handle(self, item: str | TooLong, events: list[Event]) -> None:
         if isinstance(item, TooLong):
-            self.send_error(f"line too long: at most {MAX_LINE_BYTES} bytes; it was not sent")
+            self.send_error(LINE_TOO_LONG_TEXT)
             if self._state is State.AWAITING_NAME:
                 self.send_notice(PROMPT)
         elif self._state is State.AWAITING_NAME:
@@ -324,26 +266,23 @@ class ServerProtocol:
             events.append(MessageReceived(text))
 
     def _command(self, word: str, events: list[Event]) -> None:
-        command, _, argument = word.partition(" ")
-        command = command.lower()
-        if command == "/quit":
-            self._quit(events)
-        elif command == "/who":
-            events.append(WhoRequested())
-        elif command == "/history":
-            self._history(argument.strip(), events)
-        elif command == "/help":
-            self.send_notices(HELP)
-        else:
-            self.send_error(f"unknown command {command[:64]}; type /help for the list")
-
-    def _history(self, argument: str, events: list[Event]) -> None:
-        if not argument:
-            events.append(HistoryRequested(None))
-        elif argument.isdecimal() and 1 <= int(argument) <= MAX_HISTORY:
-            events.append(HistoryRequested(int(argument)))
-        else:
-            self.send_error(f"usage: /history [N], N from 1 to {MAX_HISTORY}")
+        try:
+            request = parse_command(word)
+        except PeerProtocolError as exc:
+            self.send_error(str(exc))
+            return
+        match request:
+            case Help():
+                self.send_notices(HELP)
+            case Quit():
+                self._quit(events)
+            case Join(key=key) if key == self.room_key:
+                self.send_notice(already_in_text(self.room))
+            case Join():
+                self._move("move")
+                events.append(CommandRequested(request))
+            case _:
+                events.append(CommandRequested(request))
 
     def _quit(self, events: list[Event]) -> None:
         self.close(goodbye_text(self.name))

@@ -1,9 +1,9 @@
-"""The gateway's outgoing room traffic, published in the order it arrived.
+"""The gateway's outgoing traffic, sent to Redis in the order it arrived.
 
 One worker drains one queue, so a client's lines and its final leave reach Redis in the
-order the client produced them (a leave never overtakes the last message). Consecutive
-messages go out in one script call, which is also what keeps Redis round trips per
-message low under load.
+order the client produced them (a leave never overtakes the last message, a message typed
+before ``/join`` lands in the room it was typed in). Consecutive messages go out in one
+script call per room, which is also what keeps Redis round trips per message low under load.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker import BrokerUnavailable, RedisBroker
-from broker.events import encode_message
+from broker.events import encode_leave, encode_message
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ MAX_BATCH = 256
 
 class Sender(Protocol):
     id: str
-    key: str | None
 
     def published(self, delivered: bool) -> None: ...
 
@@ -34,6 +33,7 @@ class Sender(Protocol):
 @dataclass(slots=True)
 class _Message:
     sender: Sender
+    room: str
     body: str
 
 
@@ -42,6 +42,8 @@ class _Release:
     session_id: str
     key: str
     name: str
+    #: The room the user was in, whose members see it leave.
+    room: str
     #: Whether the cluster saw this user join, so that a leave is owed even if Redis
     #: forgot the user (False for a claim whose outcome was never known).
     owed: bool
@@ -50,13 +52,25 @@ class _Release:
     forced: bool = False
 
 
+@dataclass(slots=True)
+class _Barrier:
+    """Done once everything queued before it has been handled."""
+
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+_Item = _Message | _Release | _Barrier
+
+
 class Publisher:
     """Ordered, batched publishing of messages and presence releases."""
 
     def __init__(self, broker: RedisBroker, gateway: str = "") -> None:
         self._broker = broker
         self._gateway = gateway
-        self._queue: deque[_Message | _Release] = deque()
+        self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -64,13 +78,21 @@ class Publisher:
         #: its data): retried by :meth:`retry_releases`.
         self._failed: list[_Release] = []
 
-    def message(self, sender: Sender, name: str, text: str) -> None:
-        """Queue a chat line; ``sender.published()`` is called once it is out (or refused)."""
-        self._push(_Message(sender, encode_message(name, text)))
+    def message(self, sender: Sender, room: str, name: str, text: str) -> None:
+        """Queue a chat line for ``room``; ``sender.published()`` is called once it is out
+        (or refused)."""
+        self._push(_Message(sender, room, encode_message(name, text)))
 
-    def release(self, session_id: str, key: str, name: str, owed: bool = True) -> None:
-        """Queue the release of a session's name, after everything it sent."""
-        self._push(_Release(session_id, key, name, owed))
+    def release(self, session_id: str, key: str, name: str, room: str, owed: bool = True) -> None:
+        """Queue the release of a session's name (and its leave of ``room``), after
+        everything it sent."""
+        self._push(_Release(session_id, key, name, room, owed))
+
+    async def barrier(self) -> None:
+        """Wait until everything queued so far has been handled."""
+        barrier = _Barrier()
+        self._push(barrier)
+        await barrier.done
 
     def retry_releases(self) -> None:
         """Queue again the releases that failed earlier."""
@@ -101,36 +123,49 @@ class Publisher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if isinstance(self._queue[0], _Message):
+            head = self._queue[0]
+            if isinstance(head, _Message):
                 await self._publish_batch()
-            else:
-                await self._release(self._queue.popleft())  # type: ignore[arg-type]
+                continue
+            self._queue.popleft()
+            if isinstance(head, _Release):
+                await self._release(head)
+            elif not head.done.done():
+                head.done.set_result(None)
 
-    def _push(self, item: _Message | _Release) -> None:
+    def _push(self, item: _Item) -> None:
         self._queue.append(item)
         self._idle.clear()
         self._wakeup.set()
 
     async def _publish_batch(self) -> None:
-        batch: list[_Message] = []
-        while self._queue and len(batch) < MAX_BATCH and isinstance(self._queue[0], _Message):
-            batch.append(self._queue.popleft())  # type: ignore[arg-type]
-        delivered = False
-        try:
-            await self._broker.publish([m.body for m in batch])
-            delivered = True
-        except BrokerUnavailable as exc:
-            log.warning("could not publish %d message(s): %s", len(batch), exc)
-        except Exception:
-            log.exception("unexpected error publishing %d message(s)", len(batch))
-        for message in batch:
-            message.sender.published(delivered)
+        by_room: dict[str, list[_Message]] = {}
+        taken = 0
+        while self._queue and taken < MAX_BATCH and isinstance(self._queue[0], _Message):
+            message = self._queue.popleft()
+            assert isinstance(message, _Message)
+            by_room.setdefault(message.room, []).append(message)
+            taken += 1
+        for room, batch in by_room.items():
+            delivered = False
+            try:
+                await self._broker.publish(room, [m.body for m in batch])
+                delivered = True
+            except BrokerUnavailable as exc:
+                log.warning("could not publish %d message(s): %s", len(batch), exc)
+            except Exception:
+                log.exception("unexpected error publishing %d message(s)", len(batch))
+            for message in batch:
+                message.sender.published(delivered)
 
     async def _release(self, item: _Release) -> None:
+        leave = encode_leave(item.name, self._gateway, item.session_id)
         try:
             if item.forced:
-                await self._broker.force_leave(item.key, item.session_id, item.name, self._gateway)
+                await self._broker.force_leave(item.room, item.session_id, leave)
                 return
+            # The leave first: nobody can take the name before its old holder is seen go.
+            await self._broker.leave(item.room, [(item.session_id, leave)])
             settled = await self._broker.release(item.key, item.session_id, self._gateway)
         except BrokerUnavailable as exc:
             log.warning("could not release %r yet: %s", item.key, exc)

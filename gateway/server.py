@@ -1,14 +1,18 @@
-"""The gateway: accepts clients, relays the room through the broker, keeps itself live.
+"""The gateway: accepts clients, logs them in, and ties its parts together.
 
 Lifecycle::
 
-    start:    bind the port -> register as live -> subscribe to the room -> accept clients
-    running:  relay (bus -> local members), liveness (renew, reap dead peers), publisher
-    shutdown: stop accepting -> tell clients -> publish what they sent -> announce their
-              leaves and drop presence (one atomic step) -> close connections (grace
-              period, then cut) -> stop background tasks -> close Redis
+    start:    bind the port -> register as live -> subscribe to the bus -> accept clients
+    running:  relay (bus -> local rooms), liveness (renew, reap dead peers), publisher,
+              command handlers
+    shutdown: stop accepting -> tell clients -> stop command handlers -> publish what
+              clients sent -> announce their leaves and drop presence -> close
+              connections (grace period, then cut) -> stop background tasks -> close Redis
 
-:meth:`Gateway.shutdown` is safe to call more than once; later calls wait for the first.
+Each concern has its module: :mod:`gateway.relay` (the bus), :mod:`gateway.rooms` (fan-out),
+:mod:`gateway.liveness` (heartbeat, reaping, recovery), :mod:`gateway.commands` (commands
+and moves), :mod:`gateway.publisher` (outgoing traffic). :meth:`Gateway.shutdown` is safe to
+call more than once; later calls wait for the first.
 """
 
 from __future__ import annotations
@@ -25,45 +29,41 @@ from typing import Any
 from broker import (
     BrokerError,
     BrokerUnavailable,
-    ChatMessage,
     GatewayIdInUse,
+    InboxEvent,
+    Member,
+    PrivateDelivery,
     RedisBroker,
-    RoomEvent,
+    UserKicked,
     stream_id_key,
 )
-from gateway.config import GatewayConfig
-from gateway.errors import StartupError
-from gateway.health import HealthServer
-from gateway.protocol import (
-    MAX_HISTORY,
-    NAME_LOST_TEXT,
-    NO_HISTORY_TEXT,
+from broker.events import encode_join
+from chatwire.commands import Request
+from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY
+from chatwire.texts import (
     RESTART_TEXT,
     SERVER_FULL_TEXT,
     SERVICE_BACK_TEXT,
     SERVICE_DOWN_TEXT,
     TOO_MANY_FROM_ADDRESS_TEXT,
     UNAVAILABLE_TEXT,
-    WHO_UNAVAILABLE_TEXT,
     history_text,
     name_taken_text,
     notice_line,
-    who_texts,
+    private_line,
 )
+from gateway.commands import ADMIT_TIMEOUT, Commands, Moves
+from gateway.config import GatewayConfig
+from gateway.errors import StartupError
+from gateway.health import HealthServer
+from gateway.liveness import Liveness
 from gateway.publisher import Publisher
-from gateway.room import Room
+from gateway.relay import RETRY_MAX, RETRY_MIN, Relay
+from gateway.rooms import Rooms
 from gateway.session import Session
 
 log = logging.getLogger(__name__)
 
-#: Seconds a login waits for its own join event on the bus before admitting the user anyway
-#: (the join is in Redis; only the live notification went missing).
-ADMIT_TIMEOUT = 5.0
-#: Seconds the room subscription may be down before users are told: a reconnect that
-#: succeeds at once (a blip, replayed from the stream) is not worth alarming anyone.
-DOWN_NOTICE_DELAY = 1.0
-#: Backoff bounds, seconds, for re-subscribing after the bus link broke.
-RETRY_MIN, RETRY_MAX = 0.1, 5.0
 #: Seconds closing connections get to flush their last lines at shutdown before being cut.
 CLOSE_WAIT = 2.0
 #: Seconds between cancellations of a background task that has not stopped at shutdown,
@@ -71,10 +71,6 @@ CLOSE_WAIT = 2.0
 CANCEL_RETRY, CANCEL_ATTEMPTS = 0.1, 50
 #: Pending connections the kernel queues for us; join storms arrive in bursts.
 BACKLOG = 1024
-
-
-def _history_fields(message: ChatMessage) -> tuple[str, str, float]:
-    return message.name, message.text, stream_id_key(message.id)[0] / 1000
 
 
 class Gateway:
@@ -85,12 +81,17 @@ class Gateway:
         self.id = config.resolved_id()
         self.instance = secrets.token_hex(6)
         self.broker = broker
-        self.room = Room(config.notice_limit)
+        self.rooms = Rooms(config.notice_limit)
         self.publisher = Publisher(broker, self.id)
-        #: The Redis data set we registered in (see RedisBroker.epoch).
-        self._epoch = ""
+        self.relay = Relay(broker, self.id, self.rooms, self._inbox, self._service)
+        self.liveness = Liveness(self)
+        self.commands = Commands(self)
+        self.moves = Moves(self)
         self.address = ""
+        self.started = time.time()
         self._sessions: set[Session] = set()
+        #: Logged-in sessions by folded name: where private messages and kicks go.
+        self._by_key: dict[str, Session] = {}
         self._per_address: dict[str, int] = {}
         self._limits = (
             (config.rate_limit, float(config.rate_burst)) if config.rate_limit > 0 else None
@@ -99,19 +100,11 @@ class Gateway:
         self._background: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
-        self._subscribed = asyncio.Event()
-        self._bus_up = False
-        self._down_notice: asyncio.TimerHandle | None = None
-        self._told_down = False
-        self._last_renewal = 0.0
-        #: Name key -> Unix time of its latest message, flushed to Redis once per heartbeat.
-        self._activity: dict[str, float] = {}
         self._health = HealthServer(self.health)
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
         self._stopping = False
         self._shutdown_task: asyncio.Task[None] | None = None
-        self._started = time.time()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -146,16 +139,16 @@ class Gateway:
         shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
         self.address = f"{shown_host}:{port}"
         await self._register()
-        for coro in (self.publisher.run(), self._relay(), self._liveness()):
+        for coro in (self.publisher.run(), self.relay.run(), self.liveness.run()):
             task = asyncio.create_task(coro)
             task.add_done_callback(self._background_done)
             self._background.append(task)
         try:
             async with asyncio.timeout(self.config.redis_wait):
-                await self._subscribed.wait()
+                await self.relay.subscribed.wait()
         except TimeoutError:
             raise StartupError(
-                f"cannot subscribe to the room on {self.broker.description}"
+                f"cannot subscribe to the bus on {self.broker.description}"
             ) from None
         await self._server.start_serving()
         log.info("listening on %s:%d (%s)", host, port, self.broker.description)
@@ -169,15 +162,18 @@ class Gateway:
             log.info("health endpoint on %s:%d", host, bound)
 
     def health(self) -> tuple[bool, str]:
-        """(healthy, why): live in Redis recently and subscribed to the room."""
+        """(healthy, why): live in Redis recently and subscribed to the bus."""
         if self._stopping:
             return False, "stopping"
-        age = asyncio.get_running_loop().time() - self._last_renewal
+        age = asyncio.get_running_loop().time() - self.liveness.last_renewal
         if age > self.config.liveness_ttl:
             return False, f"no liveness renewal for {age:.0f}s: Redis unreachable"
-        if not self._bus_up:
-            return False, "room subscription down"
-        return True, f"ok: {len(self.room)} user(s), {len(self._sessions)} connection(s)"
+        if not self.relay.up:
+            return False, "bus subscription down"
+        return True, (
+            f"ok: {len(self._by_key)} user(s), {len(self._sessions)} connection(s), "
+            f"{len(self.rooms)} room(s)"
+        )
 
     async def shutdown(self) -> None:
         """Drain and stop; see the module docstring for the sequence."""
@@ -193,10 +189,13 @@ class Gateway:
             self._server.close()
         sessions = list(self._sessions)
         log.info("shutting down: %d client(s) connected", len(sessions))
-        self.room.clear()
         for session in sessions:
             session.stop_reading()
             session.notify([RESTART_TEXT])
+        # Moves and logins under way stop first, so that nobody enters a room after the
+        # eviction below (which looks wherever presence says a user is or was going).
+        await self._cancel(set(self._tasks))
+        self.rooms.clear()
         await self._settle_with_broker(grace)
         for session in sessions:
             session.close()
@@ -265,9 +264,9 @@ class Gateway:
         while True:
             try:
                 evicted = await self.broker.register_gateway(
-                    self.id, self.instance, self.address, self._started, self.config.liveness_ttl
+                    self.id, self.instance, self.address, self.started, self.config.liveness_ttl
                 )
-                self._epoch = await self.broker.epoch()
+                self.liveness.epoch = await self.broker.epoch()
                 break
             except GatewayIdInUse as exc:
                 # Usually our own previous run, killed a moment ago: its liveness key
@@ -281,137 +280,45 @@ class Gateway:
                 log.warning("waiting for %s: %s", self.broker.description, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
-        self._last_renewal = loop.time()
+        self.liveness.last_renewal = loop.time()
         if evicted:
             log.info("%d user(s) left over from an earlier run announced as left", evicted)
         log.info("registered as live (instance %s)", self.instance)
 
-    # -- background tasks ----------------------------------------------------------------
+    # -- what the relay brings -----------------------------------------------------------
 
-    async def _relay(self) -> None:
-        """Bus -> local members, re-subscribing (and replaying the gap) when the link breaks."""
-        delay = RETRY_MIN
-        while True:
-            try:
-                async with self.broker.subscribe_batches() as batches:
-                    await self._catch_up()
-                    if self._subscribed.is_set():
-                        log.info("room subscription restored")
-                    self._subscribed.set()
-                    self._service_up()
-                    delay = RETRY_MIN
-                    async for batch in batches:
-                        self._deliver(batch)
-            except BrokerUnavailable as exc:
-                log.warning("room subscription lost (%s); retrying in %.1fs", exc, delay)
-            self._service_down()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+    def _inbox(self, event: InboxEvent) -> None:
+        session = self._by_key.get(event.key)
+        if session is None:
+            return  # gone meanwhile
+        match event:
+            case PrivateDelivery():
+                session.write(private_line(event.sender, event.text))
+            case UserKicked():
+                session.kick(event.reason)
 
-    def _service_down(self) -> None:
-        self._bus_up = False
-        if self._down_notice is None and not self._told_down:
-            self._down_notice = asyncio.get_running_loop().call_later(
-                DOWN_NOTICE_DELAY, self._tell_down
-            )
-
-    def _tell_down(self) -> None:
-        self._down_notice = None
-        if not self._bus_up and not self._stopping:
-            self._told_down = True
-            self.room.notify_all(SERVICE_DOWN_TEXT)
-
-    def _service_up(self) -> None:
-        self._bus_up = True
-        if self._down_notice is not None:
-            self._down_notice.cancel()
-            self._down_notice = None
-        if self._told_down:
-            self._told_down = False
-            self.room.notify_all(SERVICE_BACK_TEXT)
-
-    async def _catch_up(self) -> None:
-        if self.room.last_event is None:
+    def _service(self, up: bool) -> None:
+        if self._stopping:
             return
-        missed = await self.broker.events_after(self.room.last_event)
-        if missed:
-            log.info("replaying %d room event(s) missed while unsubscribed", len(missed))
-        self._deliver(missed)
+        text = SERVICE_BACK_TEXT if up else SERVICE_DOWN_TEXT
+        for session in self._by_key.values():
+            session.notify([text])
 
-    def _deliver(self, events: list[RoomEvent]) -> None:
-        try:
-            self.room.deliver_batch(events)
-        except Exception:
-            log.exception("unexpected error delivering %d event(s)", len(events))
+    # -- sessions ------------------------------------------------------------------------
 
-    async def _liveness(self) -> None:
-        """Renew this gateway's liveness; reap peers whose liveness expired."""
-        ttl = self.config.liveness_ttl
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                if not await self.broker.heartbeat(self.id, self.instance, ttl):
-                    await self._recover_registration()
-                self._last_renewal = asyncio.get_running_loop().time()
-                for gateway, users in (await self.broker.reap_dead_gateways()).items():
-                    log.info(
-                        "gateway %s stopped renewing its liveness: reaped, %d user(s) "
-                        "announced as left",
-                        gateway,
-                        users,
-                    )
-                self.publisher.retry_releases()
-                activity, self._activity = self._activity, {}
-                await self.broker.touch(activity)
-            except BrokerUnavailable as exc:
-                log.warning("liveness renewal failed: %s", exc)
-            except GatewayIdInUse as exc:
-                log.error("%s; stopping", exc)
-                self.request_stop()
-                return
+    def sessions(self) -> list[Session]:
+        return list(self._sessions)
 
-    async def _recover_registration(self) -> None:
-        """Our registration vanished (we were reaped, or Redis lost its data): register
-        again and restore our users' presence in one atomic step; users whose name was
-        taken meanwhile are disconnected."""
-        log.warning("registration lost; registering again and restoring %d user(s)", len(self.room))
-        # Releases already queued run first, while we are unregistered: those whose user
-        # Redis forgot wait, undecided, for the verdict below.
-        await self.publisher.drain()
-        epoch = await self.broker.epoch()
-        lost_data = epoch != self._epoch
-        now = time.time()
-        users = [s for s in self._sessions if s.joined and not s.closed]
-        entries = [
-            (s.key, s.name, s.id, now, s.id in self.room.gone)
-            for s in users
-            if s.key is not None and s.name is not None
-        ]
-        # Users whose leave was announced (we were reaped) are announced again; users
-        # Redis merely forgot (it restarted empty) never left anyone's view: restored
-        # silently.
-        refused = set(
-            await self.broker.restore_gateway(
-                self.id, self.instance, self.address, self._started, self.config.liveness_ttl,
-                entries,
-            )
-        )  # fmt: skip
-        # Only now: if this attempt failed, the next one must reach the same verdict.
-        self._epoch = epoch
-        self.room.gone.clear()
-        for session in users:
-            if session.key in refused:
-                session.joined = False
-                session.error(NAME_LOST_TEXT)
-                session.close()
-        if lost_data:
-            # Users who left while Redis was away were never announced: their presence
-            # went with Redis's data, so no release could find it.
-            owed = self.publisher.force_pending_releases()
-            log.info("Redis lost its data: announcing %d leave(s) from the outage", owed)
-            await self.publisher.drain()  # failures among them go with the next retry
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task that the gateway keeps track of (and stops at shutdown)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
-    # -- hub: what sessions ask of the gateway -------------------------------------------
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("unexpected error in %s", task.get_name(), exc_info=task.exception())
 
     def _new_session(self) -> Session:
         return Session(self, f"{self.instance}-{next(self._ids)}", self._limits)
@@ -444,112 +351,95 @@ class Gateway:
             self._per_address[address] = left
         else:
             self._per_address.pop(address, None)
-        self.room.forget(session)
+        if session.key is not None and self._by_key.get(session.key) is session:
+            del self._by_key[session.key]
+        room = self.rooms.get(session.room_key)
+        if room is not None:
+            room.forget(session)
+            self.relay.release(session.room_key)
         if session.joined and session.key is not None and not self._stopping:
-            self.publisher.release(session.id, session.key, session.name or session.key)
+            self.publisher.release(
+                session.id, session.key, session.name or session.key, session.room_key
+            )
         log.info("connection %s closed (%s)", session.id, session.name or "no name")
         if self._stopping and not self._sessions:
             self._all_closed.set()
 
-    def login(self, session: Session, name: str, key: str) -> None:
-        self._spawn(self._login(session, name, key))
-
     def publish(self, session: Session, text: str) -> None:
         assert session.name is not None and session.key is not None
-        self.publisher.message(session, session.name, text)
-        self._activity[session.key] = time.time()
+        self.publisher.message(session, session.room_key, session.name, text)
+        self.liveness.activity[session.key] = time.time()
 
-    def who(self, session: Session) -> None:
-        self._spawn(self._who(session))
+    def command(self, session: Session, request: Request) -> None:
+        self.commands.handle(session, request)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+    # -- login ---------------------------------------------------------------------------
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("unexpected error in %s", task.get_name(), exc_info=task.exception())
+    def login(self, session: Session, name: str, key: str) -> None:
+        self.spawn(self._login(session, name, key))
 
     async def _login(self, session: Session, name: str, key: str) -> None:
-        # The join event may admit the session before the claim's reply reaches us, and
-        # an admitted session may publish at once: its key must be known from the start.
-        session.key = key
-        admitted = self.room.expect(session)
-        if self.config.history:
-            session.expect_history()
         try:
-            await self._claim_and_admit(session, name, key, admitted)
-        finally:
-            session.history_ready(b"")  # no-op unless the history never came
-
-    async def _claim_and_admit(
-        self, session: Session, name: str, key: str, admitted: asyncio.Future[None]
-    ) -> None:
-        online, join_id = 0, None
+            room, admitted = await self.relay.host(DEFAULT_ROOM_KEY, session)
+        except BrokerUnavailable as exc:
+            log.warning("cannot log %s in: %s", name, exc)
+            session.reject(UNAVAILABLE_TEXT)
+            return
         try:
             claim = await self.broker.claim(
                 key, name, self.id, self.instance, session.id, time.time()
             )
-            accepted, online, join_id = claim.accepted, claim.online, claim.event_id
+            if claim.accepted:
+                join = encode_join(name, self.id, session.id)
+                entered = await self.broker.enter(
+                    DEFAULT_ROOM_KEY, DEFAULT_ROOM, [Member(session.id, name, self.id, join)]
+                )
         except BrokerUnavailable as exc:
-            # The claim may have gone through with only its reply lost: if its join event
-            # admitted the session, it did; otherwise give back whatever it may hold.
-            accepted = admitted.done() and not admitted.cancelled()
-            if not accepted:
-                log.warning("cannot log %s in: %s", name, exc)
-                self.publisher.release(session.id, key, name, owed=False)
-                self._refuse(session, UNAVAILABLE_TEXT)
-                return
-        if not accepted:
-            self._refuse(session, name_taken_text(name))
+            # The claim (or the join) may have gone through with only its reply lost: give
+            # back whatever it may hold; a join seen by others is followed by its leave.
+            log.warning("cannot log %s in: %s", name, exc)
+            self._abandon_login(session, name, key, owed=False)
+            session.reject(UNAVAILABLE_TEXT)
             return
-        session.joined = True
+        if not claim.accepted:
+            room.forget(session)
+            self.relay.release(DEFAULT_ROOM_KEY)
+            session.reject(name_taken_text(name))
+            return
+        session.key = key
+        if not session.accept(claim.online):  # it hung up while we claimed
+            self._abandon_login(session, name, key, owed=True)
+            return
+        self._by_key[key] = session
         log.info("connection %s joined as %s", session.id, name)
-        if session.closed:  # it hung up while we claimed: give the name back
-            self.room.forget(session)
-            self.publisher.release(session.id, key, name)
-            return
-        if self.config.history:
-            session.history_ready(await self._history_lines(self.config.history, join_id))
+        join_id = entered.join_ids[0] or None
+        history = await self.history_lines(DEFAULT_ROOM_KEY, self.config.history, join_id)
+        room.enter(session, history)
+        session.resume()
         done, _ = await asyncio.wait({admitted}, timeout=ADMIT_TIMEOUT)
         if not done:
-            log.warning(
-                "join event for %s not seen in %.0fs; admitting anyway", name, ADMIT_TIMEOUT
-            )
-            self.room.admit(session, online)
+            log.warning("join event for %s not seen in %.0fs; admitting anyway", name,
+                        ADMIT_TIMEOUT)  # fmt: skip
+            room.admit(session)
 
-    def _refuse(self, session: Session, reason: str) -> None:
-        session.key = None
-        self.room.forget(session)
-        session.reject(reason)
+    def _abandon_login(self, session: Session, name: str, key: str, owed: bool) -> None:
+        room = self.rooms.get(DEFAULT_ROOM_KEY)
+        if room is not None:
+            room.forget(session)
+        self.relay.release(DEFAULT_ROOM_KEY)
+        self.publisher.release(session.id, key, name, DEFAULT_ROOM_KEY, owed=owed)
 
-    async def _history_lines(self, count: int, before: str | None) -> bytes:
-        """The last ``count`` messages (before stream id ``before``), as history lines;
-        empty if there are none or Redis cannot say."""
+    async def history_lines(self, room: str, count: int, before: str | None) -> bytes:
+        """The last ``count`` messages of ``room`` (before stream id ``before``), as
+        history lines; empty if there are none, none are wanted, or Redis cannot say."""
+        if count <= 0:
+            return b""
         try:
-            messages = await self.broker.history(count, before)
+            messages = await self.broker.history(room, count, before)
         except BrokerUnavailable as exc:
             log.warning("cannot read history: %s", exc)
             return b""
-        return b"".join(notice_line(history_text(*_history_fields(m))) for m in messages)
-
-    def history(self, session: Session, count: int | None) -> None:
-        self._spawn(self._send_history(session, count or self.config.history or MAX_HISTORY))
-
-    async def _send_history(self, session: Session, count: int) -> None:
-        data = await self._history_lines(count, None)
-        if data:
-            session.write(data)
-        else:
-            session.notify([NO_HISTORY_TEXT])
-
-    async def _who(self, session: Session) -> None:
-        try:
-            users = await self.broker.online()
-        except BrokerUnavailable as exc:
-            log.warning("cannot list users: %s", exc)
-            session.error(WHO_UNAVAILABLE_TEXT)
-            return
-        session.notify(who_texts(user.name for user in users))
+        return b"".join(
+            notice_line(history_text(m.name, m.text, stream_id_key(m.id)[0] / 1000))
+            for m in messages
+        )

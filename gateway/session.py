@@ -11,21 +11,24 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Protocol, cast
+from typing import Protocol, assert_never, cast
 
-from gateway.protocol import (
+from chatwire.commands import Request
+from chatwire.texts import (
     FLOODING_TEXT,
+    INTERNAL_ERROR_TEXT,
     NOT_DELIVERED_TEXT,
-    HistoryRequested,
+    kicked_text,
+    slow_down_text,
+)
+from gateway.protocol import (
+    CommandRequested,
     MessageReceived,
     NameRequested,
     PeerClosed,
     QuitRequested,
     ServerProtocol,
     State,
-    WhoRequested,
-    kicked_text,
-    slow_down_text,
 )
 from gateway.ratelimit import FloodGuard
 
@@ -42,13 +45,6 @@ MAX_OUTGOING_BYTES = 1 << 20
 MAX_UNPUBLISHED = 64
 
 
-#: Room events held for a joiner while its history is fetched (a few milliseconds at most,
-#: unless Redis stalls; past this the joiner is cut rather than buffered without end).
-MAX_HELD_CHUNKS = 10_000
-
-_PENDING = object()
-
-
 class Hub(Protocol):
     """What a session needs from its gateway."""
 
@@ -56,25 +52,22 @@ class Hub(Protocol):
     def session_ended(self, session: Session) -> None: ...
     def login(self, session: Session, name: str, key: str) -> None: ...
     def publish(self, session: Session, text: str) -> None: ...
-    def who(self, session: Session) -> None: ...
-    def history(self, session: Session, count: int | None) -> None: ...
+    def command(self, session: Session, request: Request) -> None: ...
 
 
 class Session(asyncio.Protocol):
     """One TCP client of the gateway."""
 
     __slots__ = (
-        "_claiming",
         "_closing",
         "_guard",
-        "_held",
-        "_history",
         "_hub",
         "_limits",
         "_paused",
         "_proto",
         "_transport",
         "_unpublished",
+        "_waiting",
         "closed",
         "id",
         "joined",
@@ -91,12 +84,9 @@ class Session(asyncio.Protocol):
         self._guard: FloodGuard | None = None  # made at the first line: idle clients pay nothing
         self._proto = ServerProtocol()
         self._transport: asyncio.Transport | None = None
-        #: History on join: None (none expected), _PENDING (being fetched), or its bytes.
-        self._history: bytes | object | None = None
-        #: Room traffic held back while the joiner's history is still being fetched.
-        self._held: list[bytes] | None = None
         self._unpublished = 0
-        self._claiming = False
+        #: A name claim or a move is under way: input waits for its outcome.
+        self._waiting = False
         self._paused = False
         self._closing = False
         #: Cluster-wide unique id of this connection (presence records name it).
@@ -117,6 +107,16 @@ class Session(asyncio.Protocol):
     @property
     def name(self) -> str | None:
         return self._proto.name
+
+    @property
+    def room(self) -> str:
+        """The current room, as it is shown."""
+        return self._proto.room
+
+    @property
+    def room_key(self) -> str:
+        """The current room's folded name."""
+        return self._proto.room_key
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -144,50 +144,40 @@ class Session(asyncio.Protocol):
 
     # -- decisions from the gateway ------------------------------------------------------
 
-    def accept(self, online: int) -> None:
-        """The name is ours and the join was announced: welcome, history, then read on."""
+    def accept(self, online: int) -> bool:
+        """The name is ours: welcome the user. Input waits for :meth:`resume` (the room's
+        history comes first). False if the connection is gone meanwhile."""
         if self.closed or self._proto.state is not State.CLAIMING:
-            return
+            return False
         self.joined = True
         self._proto.accept_name(online)
         self._flush()
-        if self._history is _PENDING:
-            self._held = []  # the room goes on; the joiner sees it after its history
-        elif isinstance(self._history, bytes):
-            self.write(self._history)
-            self._history = None
-        self._claiming = False
-        self._process()
-
-    def expect_history(self) -> None:
-        """History on join is being fetched: room traffic waits for it (see accept)."""
-        self._history = _PENDING
-
-    def history_ready(self, data: bytes) -> None:
-        """The joiner's history (possibly empty): write it, then whatever was held."""
-        if self._history is not _PENDING:
-            return
-        if self._held is None:  # not admitted yet: accept() writes it
-            self._history = data
-            return
-        self._history = None
-        self._release(data)
-
-    def _release(self, first: bytes = b"") -> None:
-        """Stop holding room traffic: write ``first``, then what was held, in order."""
-        held, self._held = self._held or [], None
-        if first:
-            self.write(first)
-        for chunk in held:
-            self.write(chunk)
+        return True
 
     def reject(self, reason: str) -> None:
         """The claim failed: say why, prompt again, read on."""
         if self.closed or self._proto.state is not State.CLAIMING:
             return
         self._proto.reject_name(reason)
-        self._claiming = False
-        self._process()
+        self.resume()
+
+    def moved(self, room: str, key: str, members: int) -> None:
+        """The move is done: say where the user is now. Input waits for :meth:`resume`."""
+        if self._proto.state is State.MOVING:
+            self._proto.moved(room, key, members)
+            self._flush()
+
+    def move_failed(self, reason: str) -> None:
+        """The move did not happen: say why, read on."""
+        if self._proto.state is State.MOVING:
+            self._proto.move_failed(reason)
+        self.resume()
+
+    def resume(self) -> None:
+        """The claim or move is settled: handle the input that waited for it."""
+        self._waiting = False
+        if not self.closed:
+            self._process()
 
     def published(self, delivered: bool) -> None:
         """One of this client's lines left the publish queue (``delivered`` or refused)."""
@@ -212,12 +202,6 @@ class Session(asyncio.Protocol):
 
         Never blocks and never awaits: the fan-out to everyone else goes on regardless.
         """
-        if self._held is not None:
-            if len(self._held) < MAX_HELD_CHUNKS:
-                self._held.append(data)
-            else:
-                self.abort()  # its history never came and the room went on: start over
-            return
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -260,27 +244,30 @@ class Session(asyncio.Protocol):
     def _process(self) -> None:
         try:
             for event in self._proto.events_received():
-                limited = MessageReceived | WhoRequested | HistoryRequested
-                if isinstance(event, limited) and not self._allowed():
-                    if self._closing:
-                        break
-                    continue
-                if isinstance(event, MessageReceived):
-                    self._unpublished += 1
-                    self._hub.publish(self, event.text)
-                elif isinstance(event, NameRequested):
-                    self._claiming = True
-                    self._hub.login(self, event.name, event.key)
-                elif isinstance(event, WhoRequested):
-                    self._hub.who(self)
-                elif isinstance(event, HistoryRequested):
-                    self._hub.history(self, event.count)
-                elif isinstance(event, QuitRequested | PeerClosed):
-                    self._closing = True
+                match event:
+                    case MessageReceived(text=text):
+                        if self._allowed():
+                            self._unpublished += 1
+                            self._hub.publish(self, text)
+                    case CommandRequested(request=request):
+                        if self._allowed():
+                            self._waiting = self._proto.state is State.MOVING
+                            self._hub.command(self, request)
+                        elif self._proto.state is State.MOVING:
+                            self._proto.move_failed()  # refused: flood control said why
+                    case NameRequested(name=name, key=key):
+                        self._waiting = True
+                        self._hub.login(self, name, key)
+                    case QuitRequested() | PeerClosed():
+                        self._closing = True
+                    case _:
+                        assert_never(event)
+                if self._closing:
+                    break
         except Exception:
             # Nothing raises into the event loop: log it, tell the client no details, close.
             log.exception("unexpected error handling input from %s (%s)", self.peer, self.id)
-            self._proto.send_error("internal error; closing the connection")
+            self._proto.send_error(INTERNAL_ERROR_TEXT)
             self._proto.close()
             self._closing = True
         self._update_reading()
@@ -332,12 +319,10 @@ class Session(asyncio.Protocol):
         if data:
             self.write(data)
         if self._closing and self._transport is not None:
-            if self._held is not None:
-                self._release()  # closing before the history came: send the rest without it
             self._transport.close()
 
     def _update_reading(self) -> None:
-        pause = self._claiming or self._unpublished >= MAX_UNPUBLISHED
+        pause = self._waiting or self._unpublished >= MAX_UNPUBLISHED
         if pause == self._paused or self._transport is None or self._transport.is_closing():
             return
         self._paused = pause

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from gateway.lines import MAX_LINE_BYTES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from client.protocol import (
 from client.session import Backoff
 from client.terminal import PALETTE, name_colour, render
 from gateway.errors import LocalProtocolError
-from gateway.lines import MAX_LINE_BYTES
 from gateway.protocol import (
     MessageReceived,
     QuitRequested,

@@ -6,12 +6,12 @@ from collections.abc import Iterable
 from itertools import pairwise
 
 import pytest
+from gateway.lines import MAX_LINE_BYTES, strip_controls
+from gateway.names import name_key, validate_name
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import LocalProtocolError
-from gateway.lines import MAX_LINE_BYTES, strip_controls
-from gateway.names import name_key, validate_name
 from gateway.protocol import (
     HELP,
     Event,

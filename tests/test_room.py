@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from gateway.room import Room
 
 from broker import ChatMessage, UserJoined, UserLeft
 from gateway.protocol import chat_line, joined_text, left_text, notice_line
-from gateway.room import Room
 
 
 class FakeMember:

@@ -1,0 +1,136 @@
+"""One gateway's live view of the bus: a single pub/sub connection carrying its inbox and
+the channels of exactly the rooms it hosts, changed as rooms come and go.
+
+A room is added with :meth:`Subscription.add`, which returns once Redis confirms the
+subscription: only then may a user's join be announced there, or the gateway would miss
+what follows it. Confirmations are read by whoever iterates :meth:`Subscription.batches`
+(the gateway's relay); :meth:`Subscription.open` reads its first ones itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import suppress
+from typing import Any
+
+import redis.exceptions
+from redis.asyncio.client import PubSub
+
+from broker import keys
+from broker.errors import BrokerUnavailable, EventDecodeError
+from broker.events import InboxEvent, RoomEvent, decode_bus_message, decode_inbox
+from broker.translate import text, unavailable_on_error
+
+log = logging.getLogger(__name__)
+
+#: Seconds a subscription read waits before looping (and health-checking) again.
+POLL_INTERVAL = 1.0
+#: Messages taken from the connection in one go, at most: large enough to amortise a
+#: write per client over many messages, small enough to keep each pass short.
+MAX_BATCH = 512
+#: Seconds to wait for Redis to confirm a subscription.
+CONFIRM_TIMEOUT = 5.0
+
+#: One delivery: (folded room name, event) for a room channel, (None, event) for the inbox.
+Delivery = tuple[str | None, RoomEvent | InboxEvent]
+
+
+class Subscription:
+    """The inbox of one gateway plus the rooms it hosts, on one connection."""
+
+    def __init__(self, pubsub: PubSub, gateway: str) -> None:
+        self._pubsub = pubsub
+        self._inbox = keys.gateway_inbox(gateway)
+        self._confirming: dict[str, asyncio.Future[None]] = {}
+        self._early: list[dict[str, Any]] = []
+        #: Folded names of the rooms subscribed (or being subscribed) to.
+        self.rooms: set[str] = set()
+
+    async def open(self, rooms: Iterable[str]) -> None:
+        """Subscribe to the inbox and ``rooms`` and wait, reading, for Redis to confirm."""
+        channels = [self._inbox, *(keys.room(r).channel for r in rooms)]
+        self.rooms.update(rooms)
+        waiting = set(channels)
+        with unavailable_on_error("subscribe"):
+            await self._pubsub.subscribe(*channels)
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                while waiting:
+                    message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        waiting.discard(text(message["channel"]))
+                    else:
+                        self._early.append(message)
+
+    async def add(self, room: str) -> None:
+        """Subscribe to ``room`` and return once Redis confirms it (:class:`BrokerUnavailable`
+        if it does not in time)."""
+        channel = keys.room(room).channel
+        future = asyncio.get_running_loop().create_future()
+        self._confirming[channel] = future
+        self.rooms.add(room)
+        try:
+            with unavailable_on_error("subscribe"):
+                await self._pubsub.subscribe(channel)
+                async with asyncio.timeout(CONFIRM_TIMEOUT):
+                    await future
+        except TimeoutError:
+            raise BrokerUnavailable(f"no confirmation of the subscription to {room}") from None
+        finally:
+            self._confirming.pop(channel, None)
+
+    async def remove(self, room: str) -> None:
+        """Stop receiving ``room`` (what is already on its way may still arrive)."""
+        self.rooms.discard(room)
+        with unavailable_on_error("unsubscribe"):
+            await self._pubsub.unsubscribe(keys.room(room).channel)
+
+    async def batches(self) -> AsyncIterator[list[Delivery]]:
+        """The events received, in arrival order, every batch what has arrived so far.
+        Raises :class:`BrokerUnavailable` when the link breaks."""
+        if self._early:
+            early, self._early = self._early, []
+            yield self._decode(early)
+        while True:
+            with unavailable_on_error("subscription"):
+                message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
+                if message is None:
+                    continue
+                messages = [message]
+                # Whatever has arrived already comes without waiting (timeout 0).
+                while len(messages) < MAX_BATCH:
+                    more = await self._pubsub.get_message(timeout=0)
+                    if more is None:
+                        break
+                    messages.append(more)
+            batch = self._decode(messages)
+            if batch:
+                yield batch
+
+    async def close(self) -> None:
+        with suppress(redis.exceptions.RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _decode(self, messages: list[dict[str, Any]]) -> list[Delivery]:
+        batch: list[Delivery] = []
+        for m in messages:
+            kind = m["type"]
+            if kind == "subscribe":
+                future = self._confirming.get(text(m["channel"]))
+                if future is not None and not future.done():
+                    future.set_result(None)
+                continue
+            if kind != "message":
+                continue
+            channel = text(m["channel"])
+            try:
+                if channel == self._inbox:
+                    batch.append((None, decode_inbox(m["data"])))
+                elif (room := keys.room_of_channel(channel)) is not None:
+                    batch.append((room, decode_bus_message(m["data"])))
+            except EventDecodeError as exc:
+                log.warning("skipping an event: %s", exc)
+        return batch

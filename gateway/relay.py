@@ -1,0 +1,181 @@
+"""The bus, as one gateway receives it: one subscription carrying this gateway's inbox and
+the rooms it hosts, re-made (and each room's gap replayed from its stream) when the link
+breaks.
+
+A room is hosted from the moment one of this gateway's users is about to enter it
+(:meth:`Relay.host`, which returns once the subscription is confirmed, so that nothing after
+the user's join is missed) until its last local member has gone (:meth:`Relay.release`).
+Inbound traffic is thus proportional to the rooms a gateway hosts, not to the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from broker import (
+    BrokerUnavailable,
+    Delivery,
+    InboxEvent,
+    PrivateDelivery,
+    RedisBroker,
+    RoomEvent,
+    Subscription,
+    UserKicked,
+)
+from gateway.rooms import Member, Room, Rooms
+
+log = logging.getLogger(__name__)
+
+#: Seconds the subscription may be down before users are told: a reconnect that succeeds
+#: at once (a blip, replayed from the streams) is not worth alarming anyone.
+DOWN_NOTICE_DELAY = 1.0
+#: Backoff bounds, seconds, for subscribing again after the link broke.
+RETRY_MIN, RETRY_MAX = 0.1, 5.0
+
+
+class Relay:
+    """Bus -> local rooms and inbox, for one gateway."""
+
+    def __init__(
+        self,
+        broker: RedisBroker,
+        gateway: str,
+        rooms: Rooms,
+        on_inbox: Callable[[InboxEvent], None],
+        on_service: Callable[[bool], None],
+    ) -> None:
+        """``on_inbox`` takes each inbox event; ``on_service(up)`` is told when the bus has
+        been down long enough to tell users, and when it is back after that."""
+        self._broker = broker
+        self._gateway = gateway
+        self._rooms = rooms
+        self._on_inbox = on_inbox
+        self._on_service = on_service
+        self._subscription: Subscription | None = None
+        self._changes = asyncio.Lock()
+        self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._down_notice: asyncio.TimerHandle | None = None
+        self._told_down = False
+        #: Set once the first subscription is made (start-up waits for it).
+        self.subscribed = asyncio.Event()
+        #: Whether the subscription is up now.
+        self.up = False
+
+    async def run(self) -> None:
+        """Subscribe and deliver, subscribing again (and replaying) when the link breaks."""
+        delay = RETRY_MIN
+        while True:
+            try:
+                hosted = [room.key for room in self._rooms]
+                async with self._broker.subscription(self._gateway, hosted) as subscription:
+                    self._subscription = subscription
+                    await self._catch_up()
+                    if self.subscribed.is_set():
+                        log.info("bus subscription restored")
+                    self.subscribed.set()
+                    self._service_up()
+                    delay = RETRY_MIN
+                    async for batch in subscription.batches():
+                        self._deliver(batch)
+            except BrokerUnavailable as exc:
+                log.warning("bus subscription lost (%s); retrying in %.1fs", exc, delay)
+            finally:
+                self._subscription = None
+            self._service_down()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def host(self, key: str, member: Member) -> tuple[Room, asyncio.Future[None]]:
+        """Host room ``key`` for ``member``, who is about to enter it: returns the room and
+        a future done once its join event has admitted the member. Raises
+        :class:`BrokerUnavailable` (the room released again) if the bus is down."""
+        room = self._rooms.open(key)
+        admitted = room.expect(member)
+        try:
+            async with self._changes:
+                subscription = self._subscription
+                if subscription is None:
+                    raise BrokerUnavailable("the bus subscription is down")
+                if key not in subscription.rooms:
+                    await subscription.add(key)
+        except BaseException:
+            room.forget(member)
+            self.release(key)
+            raise
+        return room, admitted
+
+    def release(self, key: str) -> None:
+        """Stop hosting ``key`` if no local member is in it or on the way."""
+        if not self._rooms.close_if_empty(key):
+            return
+        subscription = self._subscription
+        if subscription is not None and key in subscription.rooms:
+            subscription.rooms.discard(key)
+            task = asyncio.create_task(self._unsubscribe(subscription, key))
+            self._unsubscribing.add(task)
+            task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, subscription: Subscription, key: str) -> None:
+        async with self._changes:
+            if self._rooms.get(key) is not None or subscription is not self._subscription:
+                return  # hosted again meanwhile, or the link was re-made without it
+            try:
+                await subscription.remove(key)
+            except BrokerUnavailable as exc:
+                log.debug("unsubscribing from %s: %s", key, exc)  # the link is being re-made
+
+    async def _catch_up(self) -> None:
+        for room in self._rooms:
+            if room.last_event is None:
+                continue
+            missed = await self._broker.events_after(room.key, room.last_event)
+            if missed:
+                log.info("replaying %d event(s) of %s missed while unsubscribed", len(missed),
+                         room.key)  # fmt: skip
+            self._deliver_room(room, missed)
+
+    def _deliver(self, batch: list[Delivery]) -> None:
+        by_room: dict[str, list[RoomEvent]] = {}
+        for key, event in batch:
+            if isinstance(event, PrivateDelivery | UserKicked):
+                try:
+                    self._on_inbox(event)
+                except Exception:
+                    log.exception("unexpected error handling %r", event)
+            elif key is not None:
+                by_room.setdefault(key, []).append(event)
+        for key, events in by_room.items():
+            room = self._rooms.get(key)
+            if room is not None:
+                self._deliver_room(room, events)
+
+    @staticmethod
+    def _deliver_room(room: Room, events: list[RoomEvent]) -> None:
+        try:
+            room.deliver_batch(events)
+        except Exception:
+            log.exception("unexpected error delivering %d event(s) of %s", len(events), room.key)
+
+    def _service_down(self) -> None:
+        self.up = False
+        if self._down_notice is None and not self._told_down:
+            self._down_notice = asyncio.get_running_loop().call_later(
+                DOWN_NOTICE_DELAY, self._tell_down
+            )
+
+    def _tell_down(self) -> None:
+        self._down_notice = None
+        if not self.up:
+            self._told_down = True
+            self._on_service(False)
+
+    def _service_up(self) -> None:
+        self.up = True
+        if self._down_notice is not None:
+            self._down_notice.cancel()
+            self._down_notice = None
+        if self._told_down:
+            self._told_down = False
+            self._on_service(True)
