@@ -7,36 +7,52 @@ and follows the login (prompt, name, welcome or refusal) so the I/O layer only r
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from chatwire.errors import LocalProtocolError
 from chatwire.lines import MAX_LINE_BYTES, LineBuffer, TooLong, strip_controls
-from chatwire.texts import PROMPT, QUIT_WORDS, notice_line
+from chatwire.names import DEFAULT_ROOM
+from chatwire.texts import (
+    PROMPT,
+    QUIT_WORDS,
+    is_not_delivered,
+    is_rooms_header,
+    is_who_header,
+    notice_line,
+    parse_in_room,
+    parse_private,
+    parse_welcome,
+)
 
 #: Longest server line accepted: a chat line is a name, ": " and a client line of at most
 #: MAX_LINE_BYTES; twice that leaves room for any prefix while still bounding memory.
 MAX_SERVER_LINE_BYTES = 2 * MAX_LINE_BYTES
 
 PROMPT_LINE = notice_line(PROMPT).decode().rstrip("\n")
-_WELCOME = re.compile(r"^\* Welcome, (?P<name>.+?)! (?P<online>\d+) users? online\.")
-_USERS_HEADER = re.compile(r"^\* \d+ users? online:$")
+#: Commands the server answers later (through Redis), with what counts as their answer:
+#: what a pipe waits for before it quits.
+_ANSWERED = frozenset({"/who", "/rooms", "/msg"})
+#: Error lines that answer one of those (the others answer nothing that was counted).
+_ANSWERING_ERRORS = ("no user named ", "usage: /msg", "the user list is", "the room list is")
 
 
 class Kind(enum.Enum):
     CHAT = "chat"  # NAME: TEXT
+    PRIVATE = "private"  # (private) NAME: TEXT, or (private to NAME) ME: TEXT
     NOTICE = "notice"  # * TEXT
     ERROR = "error"  # ! TEXT
 
 
 @dataclass(frozen=True, slots=True)
 class ServerLine:
-    """One line from the server, classified. ``name`` is the sender of a chat line."""
+    """One line from the server, classified. ``name`` is the sender of a chat or private
+    line; ``to`` the recipient of a private line this user sent."""
 
     raw: str
     kind: Kind
     text: str
     name: str | None = None
+    to: str | None = None
 
 
 def classify(raw: str) -> ServerLine:
@@ -44,6 +60,8 @@ def classify(raw: str) -> ServerLine:
         return ServerLine(raw, Kind.NOTICE, raw[2:])
     if raw.startswith("! "):
         return ServerLine(raw, Kind.ERROR, raw[2:])
+    if raw.startswith("(") and (private := parse_private(raw)) is not None:
+        return ServerLine(raw, Kind.PRIVATE, private.text, private.sender, private.to)
     name, sep, text = raw.partition(": ")
     if sep and name and " " not in name:
         return ServerLine(raw, Kind.CHAT, text, name)
@@ -57,13 +75,14 @@ def is_quit(line: str) -> bool:
 
 
 def expects_answer(line: str) -> bool:
-    """Whether the server will answer ``line`` through the room (an echo of a message, or
-    the user list) rather than at once: what a pipe must wait for before quitting."""
+    """Whether the server will answer ``line`` later, through Redis (an echo of a message,
+    a list of users or rooms, a private message's echo) rather than at once: what a pipe
+    must wait for before quitting."""
     word = strip_controls(line).strip()
     if not word or len(line.encode()) > MAX_LINE_BYTES:
         return False  # ignored, or refused at once: nothing comes through the room
     if word.startswith("/") and not word.startswith("//"):
-        return word.split(maxsplit=1)[0].lower() == "/who"
+        return word.split(maxsplit=1)[0].lower() in _ANSWERED
     return True
 
 
@@ -124,13 +143,15 @@ class State(enum.Enum):
 class ClientProtocol:
     """One connection's client-side protocol state."""
 
-    __slots__ = ("_lines", "_outbox", "_state", "answers_due", "name")
+    __slots__ = ("_lines", "_outbox", "_state", "answers_due", "name", "room")
 
     def __init__(self) -> None:
         self._lines = LineBuffer(MAX_SERVER_LINE_BYTES)
         self._state = State.CONNECTED
         self._outbox = bytearray()
         self.name: str | None = None
+        #: The room this user is in, as the server last said.
+        self.room = DEFAULT_ROOM
         #: Lines sent that the server will answer through the room, not yet answered.
         self.answers_due = 0
 
@@ -186,17 +207,24 @@ class ClientProtocol:
         if self._state is State.CLAIMING:
             if line.kind is Kind.ERROR:
                 return NameRefused(line)
-            if m := _WELCOME.match(raw):
+            if line.kind is Kind.NOTICE and (welcome := parse_welcome(line.text)):
                 self._state = State.CHATTING
-                self.name = m.group("name")
-                return Welcomed(self.name, int(m.group("online")), line)
+                self.name, online = welcome
+                self.room = DEFAULT_ROOM
+                return Welcomed(self.name, online, line)
+        if line.kind is Kind.NOTICE and (moved := parse_in_room(line.text)):
+            self.room = moved[0]
         if self._state is State.CHATTING and self.answers_due and self._answers(line):
             self.answers_due -= 1
         return Received(line)
 
     def _answers(self, line: ServerLine) -> bool:
-        if line.kind is Kind.ERROR:
-            return line.text.startswith("not delivered")
-        if line.kind is Kind.CHAT:
-            return line.name == self.name
-        return bool(_USERS_HEADER.match(line.raw))
+        match line.kind:
+            case Kind.ERROR:
+                return is_not_delivered(line.text) or line.text.startswith(_ANSWERING_ERRORS)
+            case Kind.CHAT:
+                return line.name == self.name
+            case Kind.PRIVATE:
+                return line.to is not None and line.name == self.name
+            case Kind.NOTICE:
+                return is_who_header(line.text) or is_rooms_header(line.text)

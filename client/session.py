@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from chatwire.names import DEFAULT_ROOM
 from client.connection import Connection, connect
 from client.errors import ConnectFailed, NameRefused
 from client.protocol import (
@@ -116,6 +117,8 @@ class ChatSession:
         self._joined_once = False
         self._name_retry_until = 0.0
         self._retry_name = False
+        #: The room the user was in when the connection was lost: entered again on return.
+        self._room = DEFAULT_ROOM
 
     async def run(self) -> int:
         try:
@@ -125,6 +128,7 @@ class ChatSession:
                     outcome = await self._serve(conn)
                 finally:
                     await conn.close()
+                self._room = conn.protocol.room
                 if outcome is Outcome.QUIT:
                     return 0
                 conn = await self._reconnect()
@@ -186,6 +190,8 @@ class ChatSession:
     def _welcomed(self, name: str) -> None:
         if self._joined_once:
             self.ui.status(f"back in the chat as {name}")
+            if self._room != DEFAULT_ROOM:
+                self._pending.appendleft(f"/join {self._room}")
         self.name = name
         self.ui.joined(name)
         self._joined_once = True

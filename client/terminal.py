@@ -15,6 +15,8 @@ from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import InMemoryHistory
 
+from chatwire.names import DEFAULT_ROOM
+from chatwire.texts import parse_in_room, parse_welcome
 from client.protocol import PROMPT_LINE, Kind, ServerLine
 
 #: Colours for other people's names; a name always gets the same one.
@@ -46,6 +48,12 @@ def render(line: ServerLine, me: str | None, now: float | None = None) -> Format
             return FormattedText([stamp, ("bold", f"{line.name}: "), ("", line.text)])
         return FormattedText([stamp, (f"bold {name_colour(line.name)}", f"{line.name}: "),
                               ("", line.text)])  # fmt: skip
+    if line.kind is Kind.PRIVATE and line.name is not None:
+        # Private lines stand out whoever sent them: reverse video, and who it was for.
+        label = f"(private to {line.to}) " if line.to is not None else "(private) "
+        return FormattedText([stamp, ("reverse ansimagenta", label),
+                              (f"bold {name_colour(line.name)}", f" {line.name}: "),
+                              ("ansimagenta", line.text)])  # fmt: skip
     if line.kind is Kind.ERROR:
         return FormattedText([stamp, ("ansired bold", f"! {line.text}")])
     return FormattedText([stamp, ("italic ansibrightblack", f"* {line.text}")])
@@ -57,11 +65,23 @@ class TerminalUI:
     def __init__(self) -> None:
         self._input = PromptSession[str](history=InMemoryHistory())
         self._me: str | None = None
+        self._room = DEFAULT_ROOM
 
     def show(self, line: ServerLine) -> None:
         if line.raw == PROMPT_LINE:
             return  # we ask for the name ourselves
+        if line.kind is Kind.NOTICE:
+            if parse_welcome(line.text):
+                self._room = DEFAULT_ROOM
+            elif moved := parse_in_room(line.text):
+                self._room = moved[0]
+            if self._input.app.is_running:
+                self._input.app.invalidate()  # the prompt names the room
         print_formatted_text(render(line, self._me))
+
+    def prompt(self) -> str:
+        """The input prompt: who you are and where (``ana #math> ``)."""
+        return f"{self._me} {self._room}> " if self._me else "> "
 
     def status(self, text: str) -> None:
         print_formatted_text(
@@ -84,6 +104,6 @@ class TerminalUI:
 
     async def read_input(self) -> str | None:
         try:
-            return await self._input.prompt_async(f"{self._me or ''}> ")
+            return await self._input.prompt_async(self.prompt)
         except (EOFError, KeyboardInterrupt):
             return None

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import pytest
-from gateway.names import name_key
 
 from broker import (
     BrokerUnavailable,
@@ -25,6 +24,7 @@ from broker import (
     stream_id_key,
 )
 from broker.events import decode_bus_message, decode_event, encode_message
+from chatwire.names import name_key
 
 TTL = 30.0
 MARKER = "--marker--"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from gateway.lines import MAX_LINE_BYTES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatwire.errors import LocalProtocolError
+from chatwire.lines import MAX_LINE_BYTES
+from chatwire.texts import welcome_text
 from client.protocol import (
     MAX_SERVER_LINE_BYTES,
     PROMPT_LINE,
@@ -28,13 +30,11 @@ from client.protocol import (
 )
 from client.session import Backoff
 from client.terminal import PALETTE, name_colour, render
-from gateway.errors import LocalProtocolError
 from gateway.protocol import (
+    CommandRequested,
     MessageReceived,
     QuitRequested,
     ServerProtocol,
-    WhoRequested,
-    welcome_text,
 )
 
 PROMPT = PROMPT_LINE.encode() + b"\n"
@@ -394,7 +394,9 @@ def test_answers_due_agrees_with_the_gateway(line: str) -> None:
     client.send_line(line)
     server = server_chatting("alice")
     server.receive_data(client.data_to_send())
-    answered = any(isinstance(e, MessageReceived | WhoRequested) for e in server.events_received())
+    answered = any(
+        isinstance(e, MessageReceived | CommandRequested) for e in server.events_received()
+    )
     assert client.answers_due == int(answered)
 
 

@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterable
 from itertools import pairwise
 
 import pytest
-from gateway.lines import MAX_LINE_BYTES, TOO_LONG, LineBuffer, TooLong, strip_controls
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from chatwire.lines import MAX_LINE_BYTES, TOO_LONG, LineBuffer, TooLong, strip_controls
 
 Item = str | TooLong
 

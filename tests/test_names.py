@@ -5,9 +5,9 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from gateway.names import MAX_NAME_CHARS, name_key, validate_name
 
-from gateway.errors import InvalidName, PeerProtocolError
+from chatwire.errors import InvalidName, PeerProtocolError
+from chatwire.names import MAX_NAME_CHARS, name_key, validate_name
 
 # --- accepted -----------------------------------------------------------------------------
 

@@ -6,14 +6,15 @@ from collections.abc import Iterable
 from itertools import pairwise
 
 import pytest
-from gateway.lines import MAX_LINE_BYTES, strip_controls
-from gateway.names import name_key, validate_name
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import LocalProtocolError
+from chatwire.commands import HELP, Who
+from chatwire.errors import LocalProtocolError
+from chatwire.lines import MAX_LINE_BYTES, strip_controls
+from chatwire.names import name_key, validate_name
 from gateway.protocol import (
-    HELP,
+    CommandRequested,
     Event,
     MessageReceived,
     NameRequested,
@@ -21,7 +22,6 @@ from gateway.protocol import (
     QuitRequested,
     ServerProtocol,
     State,
-    WhoRequested,
 )
 
 PROMPT_LINE = b"* Choose a name:\n"
@@ -108,7 +108,7 @@ def test_lines_held_while_claiming_until_accept() -> None:
     assert welcome[0].startswith("* Welcome, alice! 3 users online.")
     assert proto.events_received() == [
         MessageReceived("hello"),
-        WhoRequested(),
+        CommandRequested(Who()),
         MessageReceived("world"),
     ]
 
@@ -240,7 +240,7 @@ def test_empty_and_blank_lines_ignored(data: bytes) -> None:
 def test_who_command(data: bytes) -> None:
     """/who (any case, arguments ignored) gives WhoRequested and no output of its own."""
     proto = chatting()
-    assert send(proto, data) == [WhoRequested()]
+    assert send(proto, data) == [CommandRequested(Who())]
     assert proto.data_to_send() == b""
 
 
@@ -343,7 +343,7 @@ def test_eof_after_lines() -> None:
     proto.receive_eof()
     assert proto.events_received() == [
         MessageReceived("one"),
-        WhoRequested(),
+        CommandRequested(Who()),
         MessageReceived("two"),
         PeerClosed(),
     ]

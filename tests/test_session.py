@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.protocol import PROMPT, goodbye_text, notice_line, welcome_text
+from chatwire.texts import PROMPT, goodbye_text, notice_line, welcome_text
 from gateway.session import MAX_OUTGOING_BYTES, MAX_UNPUBLISHED, Session
 
 PROMPT_LINE = notice_line(PROMPT)

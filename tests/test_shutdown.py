@@ -30,7 +30,7 @@ async def test_stops_promptly_with_a_user_connected(gateway: Gateway) -> None:
     must not keep the gateway from stopping (the fixture's stop is bounded)."""
     client = await ChatClient.connect(port_of(gateway))
     await client.login("alice")
-    assert len(gateway.room) == 1  # the stop below comes with alice in the room
+    assert gateway.rooms.members() == 1  # the stop below comes with alice in the room
 
 
 async def test_cancel_outlasts_a_task_that_swallows_a_cancellation() -> None:

@@ -17,7 +17,7 @@ async def admin(cluster: Cluster, *args: str) -> tuple[int, str, str]:
 
 
 async def test_who_table(cluster: Cluster) -> None:
-    """`who` prints an aligned table: name, gateway, connected since, idle time."""
+    """`who` prints an aligned table: name, room, gateway, connected since, idle time."""
     await cluster.start(2)
     alice = await cluster.user(0, "alice")
     await cluster.user(1, "bob")
@@ -26,9 +26,9 @@ async def test_who_table(cluster: Cluster) -> None:
     status, out, err = await admin(cluster, "who")
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "GATEWAY", "CONNECTED", "SINCE", "IDLE"]
-    assert lines[1].split()[:2] == ["alice", "gw-1"]
-    assert lines[2].split()[:2] == ["bob", "gw-2"]
+    assert lines[0].split() == ["NAME", "ROOM", "GATEWAY", "CONNECTED", "SINCE", "IDLE"]
+    assert lines[1].split()[:3] == ["alice", "#lobby", "gw-1"]
+    assert lines[2].split()[:3] == ["bob", "#lobby", "gw-2"]
     assert lines[-1] == "2 user(s) online"
     assert lines[0].index("GATEWAY") == lines[1].index("gw-1") == lines[2].index("gw-2")
     assert lines[1].split()[-1].endswith("s")

@@ -28,7 +28,7 @@ async def test_health_follows_redis(cluster: Cluster) -> None:
 
     assert gateway.log is not None
     await cluster.redis.stop()
-    await gateway.log.wait_for("room subscription lost")
+    await gateway.log.wait_for("bus subscription lost")
     healthy, detail = await asyncio.to_thread(probe, url)
     assert not healthy
     assert "subscription" in detail or "Redis" in detail
