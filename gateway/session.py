@@ -23,6 +23,7 @@ from chatwire.texts import (
 )
 from gateway.protocol import (
     CommandRequested,
+    Event,
     MessageReceived,
     NameRequested,
     PeerClosed,
@@ -243,27 +244,12 @@ class Session(asyncio.Protocol):
 
     def _process(self) -> None:
         try:
-            for event in self._proto.events_received():
-                match event:
-                    case MessageReceived(text=text):
-                        if self._allowed():
-                            self._unpublished += 1
-                            self._hub.publish(self, text)
-                    case CommandRequested(request=request):
-                        if self._allowed():
-                            self._waiting = self._proto.state is State.MOVING
-                            self._hub.command(self, request)
-                        elif self._proto.state is State.MOVING:
-                            self._proto.move_failed()  # refused: flood control said why
-                    case NameRequested(name=name, key=key):
-                        self._waiting = True
-                        self._hub.login(self, name, key)
-                    case QuitRequested() | PeerClosed():
-                        self._closing = True
-                    case _:
-                        assert_never(event)
-                if self._closing:
-                    break
+            # A refused /join hands the protocol back its input: parse on while it yields.
+            while not self._closing and (events := self._proto.events_received()):
+                for event in events:
+                    self._dispatch(event)
+                    if self._closing:
+                        break
         except Exception:
             # Nothing raises into the event loop: log it, tell the client no details, close.
             log.exception("unexpected error handling input from %s (%s)", self.peer, self.id)
@@ -272,6 +258,26 @@ class Session(asyncio.Protocol):
             self._closing = True
         self._update_reading()
         self._flush()
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case MessageReceived(text=text):
+                if self._allowed():
+                    self._unpublished += 1
+                    self._hub.publish(self, text)
+            case CommandRequested(request=request):
+                if self._allowed():
+                    self._waiting = self._proto.state is State.MOVING
+                    self._hub.command(self, request)
+                elif self._proto.state is State.MOVING:
+                    self._proto.move_failed()  # refused: flood control said why
+            case NameRequested(name=name, key=key):
+                self._waiting = True
+                self._hub.login(self, name, key)
+            case QuitRequested() | PeerClosed():
+                self._closing = True
+            case _:
+                assert_never(event)
 
     def _allowed(self) -> bool:
         """Flood control for one line: False drops it (and may close the connection)."""

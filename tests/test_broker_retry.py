@@ -2,8 +2,9 @@
 
 A Redis that runs a script and dies before answering leaves the caller not knowing
 whether it ran. Calls that give the same result when repeated (claim by the same
-session, release, heartbeat...) are retried; calls that append to the room (a message, a
-kick) are not, or the room would show them twice. A stand-in server that reads
+session, a room's enter and leave, release, heartbeat...) are retried; calls that add to
+what users see each time they run (a message or notice published in a room, a private
+message or kick sent to a gateway's inbox) are not, or it would be shown twice. A stand-in server that reads
 each script call and hangs up without answering tells how many times each was sent.
 """
 
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from broker import BrokerUnavailable, RedisBroker
+from broker import BrokerUnavailable, Member, RedisBroker
+from broker import scripts as broker_scripts
+from broker.events import encode_join, encode_leave, encode_message
+from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY
 
 
 class HangUpOnScripts:
@@ -77,20 +81,74 @@ def sent(broker: RedisBroker, server: HangUpOnScripts, script: str) -> int:
     return server.scripts[broker._scripts[script].sha]
 
 
-async def test_a_message_is_sent_once(
-    broker_on_a_dying_redis: tuple[RedisBroker, HangUpOnScripts],
-) -> None:
-    broker, server = broker_on_a_dying_redis
-    with pytest.raises(BrokerUnavailable):
-        await broker.publish(['{"kind": "message", "name": "alice", "text": "hi"}'])
-    assert sent(broker, server, "publish") == 1
+Call = Callable[[RedisBroker], Awaitable[object]]
+ROOM = DEFAULT_ROOM_KEY
+LEAVE = encode_leave("Alice", "gw1", "s1")
+
+#: Each script that must go out once, with a broker call that runs it.
+ONCE: dict[str, list[Call]] = {
+    "publish": [
+        lambda b: b.publish(ROOM, [encode_message("alice", "hi")]),
+        lambda b: b.announce("maintenance at noon", ROOM),
+    ],
+    "send_to_holder": [
+        lambda b: b.send_private("bob", "Alice", "psst"),
+        lambda b: b.kick("bob", "spam"),
+    ],
+}
+
+#: Each script that may be sent again, with a broker call that runs it.
+RETRIED: dict[str, Call] = {
+    "claim": lambda b: b.claim("alice", "Alice", "gw1", "inst", "s1", 1.0),
+    "set_room": lambda b: b.set_room("alice", "s1", "#math"),
+    "release": lambda b: b.release("alice", "s1", "gw1"),
+    "register": lambda b: b.register_gateway("gw1", "inst", "gw1:1", 1.0, 5.0),
+    "heartbeat": lambda b: b.heartbeat("gw1", "inst", 5.0),
+    "reap": lambda b: b.reap_dead_gateways(),
+    "held_by": lambda b: b.evict("gw1"),
+    "deregister": lambda b: b._global("deregister", ("gw1", "inst")),
+    "forget": lambda b: b._global("forget", ("gw1", "alice", "s1")),
+    "touch": lambda b: b.touch({"alice": 1.0}),
+    "restore": lambda b: b.restore_gateway("gw1", "inst", "gw1:1", 1.0, 5.0, []),
+    "enter": lambda b: b.enter(
+        ROOM, DEFAULT_ROOM, [Member("s1", "Alice", "gw1", encode_join("Alice", "gw1", "s1"))]
+    ),
+    "leave": lambda b: b.leave(ROOM, [("s1", LEAVE)]),
+    "force_leave": lambda b: b.force_leave(ROOM, "s1", LEAVE),
+}
 
 
-async def test_a_release_is_retried(
-    broker_on_a_dying_redis: tuple[RedisBroker, HangUpOnScripts],
+def test_every_script_is_classified() -> None:
+    """Each script of the broker is tested here as sent once or as retried."""
+    every = set(broker_scripts.GLOBAL_SCRIPTS) | set(broker_scripts.ROOM_SCRIPTS)
+    assert set(ONCE) | set(RETRIED) == every
+    assert not set(ONCE) & set(RETRIED)
+
+
+@pytest.mark.parametrize(
+    ("script", "call"),
+    [(script, call) for script, calls in ONCE.items() for call in calls],
+    ids=["publish", "announce", "send_private", "kick"],
+)
+async def test_what_users_would_see_twice_is_sent_once(
+    broker_on_a_dying_redis: tuple[RedisBroker, HangUpOnScripts], script: str, call: Call
 ) -> None:
-    """The contrast: repeating a release is harmless, so a broken link is retried."""
+    """A message, notice, private message or kick whose reply was lost is reported as
+    failed, not sent again."""
     broker, server = broker_on_a_dying_redis
     with pytest.raises(BrokerUnavailable):
-        await broker.release("alice", "s1", "gw1")
-    assert sent(broker, server, "release") > 1
+        await call(broker)
+    assert sent(broker, server, script) == 1
+    assert sum(server.scripts.values()) == 1
+
+
+@pytest.mark.parametrize(("script", "call"), list(RETRIED.items()), ids=list(RETRIED))
+async def test_a_repeatable_script_is_retried(
+    broker_on_a_dying_redis: tuple[RedisBroker, HangUpOnScripts], script: str, call: Call
+) -> None:
+    """The contrast: repeating a claim, a release, a room's enter or leave, or a liveness
+    step is harmless, so a broken link is retried."""
+    broker, server = broker_on_a_dying_redis
+    with pytest.raises(BrokerUnavailable):
+        await call(broker)
+    assert sent(broker, server, script) > 1

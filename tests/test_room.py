@@ -230,7 +230,7 @@ async def test_traffic_before_the_own_join_does_not_reach_the_newcomer() -> None
 async def test_traffic_after_the_join_is_held_until_enter_writes_the_history_first() -> None:
     """Between its join and enter() the newcomer's traffic is held; enter() writes the
     first bytes (welcome, history), then the held traffic in order, then it is live."""
-    room, (alice,) = live_room("alice")
+    room, _ = live_room("alice")
     bob = FakeMember("bob")
     room.expect(bob)
     room.deliver_batch([joined(bob, "2-0")])
@@ -274,7 +274,7 @@ async def test_a_joiner_gets_what_follows_its_join_in_the_same_batch() -> None:
 async def test_enter_before_the_join_event_writes_the_history_and_waits_for_the_join() -> None:
     """History at hand before the join arrived is written at once; the newcomer still
     gets nothing before its join, and everything after it, written directly."""
-    room, (alice,) = live_room("alice")
+    room, _ = live_room("alice")
     bob = FakeMember("bob")
     admitted = room.expect(bob)
     room.enter(bob, b"* history\n")
@@ -628,7 +628,7 @@ async def test_own_movers_leaving_a_busy_room_are_summarised_too(
     """A storm of moves out of a busy room stays linear: the movers' leaves are summarised
     like every other join and leave there, not each written to everyone at once."""
     timers = Timers(monkeypatch)
-    room, (a, b, c) = live_room("a", "b", "c", notice_limit=1)
+    room, (a, _, c) = live_room("a", "b", "c", notice_limit=1)
     room.expect_leave(c)
     room.deliver_batch([left(c, "2-0", to="#math")])
     assert a.written == []
