@@ -227,7 +227,9 @@ async def test_incoming_message_does_not_garble_typing(
     term.type("hello wor")
     await term.wait_for("alice #lobby> hello wor")
     await bob.send("incoming while you type")
-    lines = await term.wait_for("bob: incoming while you type", cursor_line="alice #lobby> hello wor")
+    lines = await term.wait_for(
+        "bob: incoming while you type", cursor_line="alice #lobby> hello wor"
+    )
     incoming = next(i for i, line in enumerate(lines) if "bob: incoming" in line)
     assert incoming < term.screen.cursor.y
     assert "hello wor" not in lines[incoming]
