@@ -49,7 +49,7 @@ def _print_runs(runs: list[scenarios.Run]) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("workload", type=click.Choice(["fixed", "saturation", "idle", "all"]))
+@click.argument("workload", type=click.Choice(["fixed", "saturation", "idle", "rooms", "all"]))
 @click.option("--gateways", default=3, help="Gateways to start (with their own Redis).")
 @click.option("--clients", default=None, type=int, help="Clients (fixed: 300, saturation: 100).")
 @click.option("--senders", default=None, type=int, help="Senders (fixed: 30, saturation: 10).")
@@ -60,11 +60,14 @@ def _print_runs(runs: list[scenarios.Run]) -> None:
 @click.option("--steps", default=10, help="saturation: most steps.")
 @click.option("--step-seconds", default=5.0, help="saturation: seconds per step.")
 @click.option("--connections", default=10_000, help="idle: connections on one gateway.")
+@click.option("--rooms", "small_rooms", default=300, help="rooms: small rooms.")
+@click.option("--room-size", default=10, help="rooms: members of each small room.")
+@click.option("--big-room", default=300, help="rooms: members of the one big room.")
 @click.option("--json", "json_path", default=None, help="Also write the figures to this file.")
 def main(
     workload: str, gateways: int, clients: int | None, senders: int | None, rate: float,
     duration: float, start_rate: float, factor: float, steps: int, step_seconds: float,
-    connections: int, json_path: str | None,
+    connections: int, small_rooms: int, room_size: int, big_room: int, json_path: str | None,
 ) -> None:  # fmt: skip
     """Start a redis-server and GATEWAYS chat gateways on loopback, drive them with a
     load generator, and print latency, throughput, loss and the CPU split."""
@@ -100,6 +103,22 @@ def main(
                 "steps": [r.as_dict() for r in runs],
                 "sustainable_deliveries_per_s": sustained,
             }
+        if workload in ("rooms", "all"):
+            cluster = Cluster.start(gateways)
+            try:
+                r_rooms = await scenarios.rooms(
+                    cluster, small_rooms, room_size, big_room, senders or 30, rate, 1.0,
+                    duration,
+                )  # fmt: skip
+            finally:
+                cluster.stop()
+            click.echo(f"\nrooms: {r_rooms.rooms} rooms")
+            _print_runs([r_rooms.run])
+            for g, (got, own) in enumerate(zip(r_rooms.inbound, r_rooms.own_traffic, strict=True)):
+                click.echo(
+                    f"{'':<9}gateway {g + 1}: {got} bus messages in, its rooms carried {own}"
+                )
+            results["rooms"] = r_rooms.as_dict()
         if workload in ("idle", "all"):
             cluster = Cluster.start(gateways)
             try:

@@ -13,6 +13,10 @@ from array import array
 from dataclasses import dataclass, field
 from typing import cast
 
+from chatwire.texts import PROMPT, notice_line
+
+PROMPT_LINE = notice_line(PROMPT).rstrip(b"\n")
+
 
 @dataclass
 class Stats:
@@ -37,10 +41,12 @@ class Stats:
 class LoadClient(asyncio.Protocol):
     """One benchmark connection: logs in, then counts and checks every line it receives."""
 
-    __slots__ = ("_buffer", "_last", "name", "stats", "transport", "welcomed")
+    __slots__ = ("_buffer", "_last", "name", "room", "stats", "transport", "welcomed")
 
-    def __init__(self, name: str, stats: Stats, senders: int) -> None:
+    def __init__(self, name: str, stats: Stats, senders: int, room: str | None = None) -> None:
         self.name = name.encode()
+        #: The room to move to after logging in (None: stay in the default room).
+        self.room = room
         self.stats = stats
         self._buffer = b""
         self._last = [-1] * senders  # last sequence number seen from each sender
@@ -78,10 +84,15 @@ class LoadClient(asyncio.Protocol):
     def _notice(self, line: bytes) -> None:
         self.stats.notices += 1
         if not self.welcomed.done():
-            if line.startswith(b"* Choose a name:"):
-                assert self.transport is not None
+            assert self.transport is not None
+            if line.startswith(PROMPT_LINE):
                 self.transport.write(self.name + b"\n")
             elif line.startswith(b"* Welcome"):
+                if self.room is None:
+                    self.welcomed.set_result(None)
+                else:
+                    self.transport.write(f"/join {self.room}\n".encode())
+            elif line.startswith(b"* You are in #"):
                 self.welcomed.set_result(None)
             elif line.startswith(b"!"):
                 self.welcomed.set_exception(RuntimeError(line.decode(errors="replace")))
@@ -102,8 +113,10 @@ async def connect_all(
     senders: int,
     prefix: str,
     concurrency: int = 200,
+    room: str | None = None,
 ) -> list[LoadClient]:
-    """``count`` logged-in clients spread round-robin over ``addresses``."""
+    """``count`` logged-in clients spread round-robin over ``addresses`` (each moved to
+    ``room`` if given)."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     clients: list[LoadClient] = []
@@ -113,7 +126,7 @@ async def connect_all(
     async def one(index: int) -> None:
         host, port = addresses[index % len(addresses)]
         async with gate:
-            client = LoadClient(f"{prefix}{index}", stats, senders)
+            client = LoadClient(f"{prefix}{index}", stats, senders, room)
             try:
                 await loop.create_connection(lambda: client, host, port)
                 await asyncio.wait_for(client.welcomed, 30)
@@ -150,8 +163,11 @@ class Senders:
 
     TICK = 0.002
 
-    def __init__(self, clients: list[LoadClient]) -> None:
+    def __init__(self, clients: list[LoadClient], offset: int = 0) -> None:
+        """``offset``: the first sender number these senders stamp (several pacers can
+        then share receivers)."""
         self.clients = clients
+        self.offset = offset
         #: Sequence numbers go on across runs, so receivers' order checks stay valid.
         self.sent = [0] * len(clients)
 
@@ -169,7 +185,8 @@ class Senders:
                 due = first[s] + int(elapsed + 1 - phase[s])
                 seq = self.sent[s]
                 if seq < due:
-                    client.send(b"".join(f"{s}:{q}:{stamp}\n".encode() for q in range(seq, due)))
+                    n = s + self.offset
+                    client.send(b"".join(f"{n}:{q}:{stamp}\n".encode() for q in range(seq, due)))
                     self.sent[s] = due
             await asyncio.sleep(self.TICK)
         return sum(self.sent) - sum(first)

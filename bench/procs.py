@@ -3,6 +3,7 @@ ones; and what they cost (CPU seconds, resident memory) read from /proc."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,8 @@ class Cluster:
 
     gateways: list[tuple[str, int]]
     pids: dict[str, int] = field(default_factory=dict)  # label -> pid, for CPU accounting
+    #: Each gateway's health port, where ``GET /stats`` answers its counters.
+    health_ports: list[int] = field(default_factory=list)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _dir: str = ""
 
@@ -77,16 +81,18 @@ class Cluster:
         url = f"redis://127.0.0.1:{port}/0"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CHAT_"))}
         for n in range(count):
-            gport = free_port()
+            gport, hport = free_port(), free_port()
             log = open(Path(workdir) / f"gw-{n + 1}.log", "wb")  # noqa: SIM115
             gw = subprocess.Popen(
                 [str(BIN / "chat-gateway"), "--host", "127.0.0.1", "--port", str(gport),
-                 "--redis-url", url, "--gateway-id", f"bench-{n + 1}", *LOAD_FLAGS],
+                 "--redis-url", url, "--gateway-id", f"bench-{n + 1}",
+                 "--health-port", str(hport), *LOAD_FLAGS],
                 stdout=subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
             cluster._procs.append(gw)
             cluster.pids[f"gateway {n + 1}"] = gw.pid
             cluster.gateways.append(("127.0.0.1", gport))
+            cluster.health_ports.append(hport)
         for host, gport in cluster.gateways:
             _wait_port(gport, timeout, host)
         return cluster
@@ -98,6 +104,14 @@ class Cluster:
                 out[label] = cpu_seconds(pid)
             except OSError:
                 out[label] = float("nan")
+        return out
+
+    def stats(self) -> list[dict[str, int]]:
+        """Each gateway's counters (``GET /stats``), in gateway order."""
+        out = []
+        for port in self.health_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as reply:
+                out.append(json.loads(reply.read()))
         return out
 
     def log_tail(self, lines: int = 5) -> str:

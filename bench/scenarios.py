@@ -186,3 +186,99 @@ async def idle(cluster: Cluster, connections: int) -> IdleRun:
         if client.transport is not None:
             client.transport.close()
     return IdleRun(connections, round(took, 2), before, after)
+
+
+@dataclass
+class RoomsRun:
+    """The many-rooms workload's figures: the room traffic as a whole (``run``) and what
+    each gateway received from the bus against what its own rooms carried."""
+
+    run: Run
+    rooms: int
+    inbound: list[int]  # bus messages each gateway received during the run
+    own_traffic: list[int]  # messages published in the rooms each gateway hosts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.run.as_dict(),
+            "rooms": self.rooms,
+            "gateway_inbound_messages": self.inbound,
+            "gateway_own_room_messages": self.own_traffic,
+        }
+
+
+async def rooms(
+    cluster: Cluster,
+    small_rooms: int,
+    room_size: int,
+    big_room: int,
+    big_senders: int,
+    big_rate: float,
+    small_rate: float,
+    duration: float,
+) -> RoomsRun:
+    """``small_rooms`` rooms of ``room_size``, each on one gateway (room r on gateway r mod
+    G) with one sender at ``small_rate``; plus one room of ``big_room`` members spread over
+    every gateway with ``big_senders`` senders at ``big_rate``."""
+    stats = Stats()
+    gateways = cluster.gateways
+    senders = big_senders + small_rooms
+    big = await connect_all(gateways, big_room, stats, senders, "b", room="#big")
+    small: list[list[LoadClient]] = []
+    for r in range(small_rooms):
+        where = [gateways[r % len(gateways)]]
+        small.append(await connect_all(where, room_size, stats, senders, f"r{r}-", room=f"#r{r}"))
+    everyone = big + [c for room in small for c in room]
+    try:
+        await asyncio.sleep(1.0)  # let the last joins pass
+        big_pacer = Senders(big[:big_senders])
+        small_pacer = Senders([room[0] for room in small], offset=big_senders)
+        stats.reset()
+        inbound_before = [s["bus_messages"] for s in cluster.stats()]
+        before = cluster.cpu() | {"generator": self_cpu_seconds()}
+        started = time.monotonic()
+        big_sent, small_sent = await asyncio.gather(
+            big_pacer.run(big_rate, duration), small_pacer.run(small_rate, duration)
+        )
+        expected = big_sent * big_room + small_sent * room_size
+        stats.target = expected
+        if stats.deliveries >= expected:
+            stats.reached.set()
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await stats.reached.wait()
+        except TimeoutError:
+            pass  # what did not arrive by now counts as lost
+        elapsed = time.monotonic() - started
+        after = cluster.cpu() | {"generator": self_cpu_seconds()}
+        inbound = [
+            s["bus_messages"] - b for s, b in zip(cluster.stats(), inbound_before, strict=True)
+        ]
+    finally:
+        for client in everyone:
+            if client.transport is not None:
+                client.transport.close()
+    per_room = small_pacer.sent
+    own = [
+        big_sent + sum(n for r, n in enumerate(per_room) if r % len(gateways) == g)
+        for g in range(len(gateways))
+    ]
+    latencies = sorted(stats.latencies_us)
+    run = Run(
+        name="rooms",
+        clients=len(everyone),
+        senders=senders,
+        offered_msgs_per_s=big_rate * big_senders + small_rate * small_rooms,
+        sent=big_sent + small_sent,
+        expected_deliveries=expected,
+        deliveries=stats.deliveries,
+        seconds=round(elapsed, 2),
+        p50_ms=percentile(latencies, 50),
+        p90_ms=percentile(latencies, 90),
+        p99_ms=percentile(latencies, 99),
+        max_ms=latencies[-1] / 1000.0 if latencies else float("nan"),
+        lost=max(0, expected - stats.deliveries + stats.duplicates_or_reordered),
+        duplicates_or_reordered=stats.duplicates_or_reordered,
+        cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
+    )
+    return RoomsRun(run, small_rooms + 1, inbound, own)

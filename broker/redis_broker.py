@@ -465,7 +465,7 @@ class RedisBroker:
             raise GatewayIdInUse(f"gateway id {gateway!r} is already used by a live gateway")
         if not int(leftovers):
             return 0
-        return await self.evict(gateway, keep=lambda session: session.startswith(f"{instance}-"))
+        return await self.evict(gateway, spare_live=True)
 
     async def restore_gateway(
         self,
@@ -491,7 +491,7 @@ class RedisBroker:
         for _ in range(2):
             status, *refused = await self._global("restore", args)
             if int(status) == -2:  # our eviction is under way: finish it, then restore
-                await self.evict(gateway)
+                await self.evict(gateway, spare_live=True)
                 continue
             if int(status) == -1:
                 raise GatewayIdInUse(f"gateway id {gateway!r} was taken by another instance")
@@ -510,21 +510,19 @@ class RedisBroker:
         """Forget every gateway whose liveness expired, announcing its users' leaves once.
         Returns {gateway id: users evicted}."""
         dead = [text(g) for g in await self._global("reap", ())]
-        return {gateway: await self.evict(gateway) for gateway in dead}
+        return {gateway: await self.evict(gateway, spare_live=True) for gateway in dead}
 
-    async def evict(self, gateway: str, keep: Callable[[str], bool] = lambda _s: False) -> int:
-        """Announce the leave of every user ``gateway`` holds (but the sessions ``keep``
-        spares) in the rooms they are in, then free their names. Safe to repeat, and to
-        run from several gateways at once: each leave is announced once. Returns how many
-        users were evicted."""
-        flat = await self._global("held_by", (gateway,))
+    async def evict(self, gateway: str, spare_live: bool = False) -> int:
+        """Announce the leave of every user ``gateway`` holds in the rooms they are in,
+        then free their names; with ``spare_live``, only those of a dead instance (not of
+        one that holds the id now). Safe to repeat, and to run from several gateways at
+        once: each leave is announced once. Returns how many users were evicted."""
+        flat = await self._global("held_by", (gateway, "1" if spare_live else "0"))
         users = []
         leaves: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for key, raw in zip(flat[::2], flat[1::2], strict=True):
             fields = json.loads(raw)
             session = str(fields["session"])
-            if keep(session):
-                continue
             users.append((text(key), session))
             event = encode_leave(str(fields["name"]), gateway, session)
             # The room it was in before its last move too: a move cut short by a crash

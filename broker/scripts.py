@@ -173,13 +173,15 @@ return 1
 
 # ARGV[5..8]: gateway id, instance, gateway record JSON, liveness TTL (ms).
 # Returns {1, users left over from an earlier run under this id (still to evict)} | {0, 0}
-# if the id is live under another instance.
+# if the id is live under another instance. A registered id leaves the reaping queue: its
+# new run evicts what the old one left, and reapers spare the new run's sessions.
 REGISTER = """
 local gid, instance, record, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local current = redis.call('GET', alive_key(gid))
 if current and current ~= instance then return {0, 0} end
 redis.call('SET', alive_key(gid), instance, 'PX', ttl)
 redis.call('HSET', GATEWAYS, gid, record)
+redis.call('SREM', REAPING, gid)
 return {1, redis.call('SCARD', users_key(gid))}
 """
 
@@ -210,15 +212,21 @@ end
 return redis.call('SMEMBERS', REAPING)
 """
 
-# ARGV[5]: gateway id. The presence records of the users it holds: {key, record, ...}.
+# ARGV[5..6]: gateway id, "1" to spare the sessions of the instance that holds the id now
+# (a reaper or a new run evicts only what a dead instance left behind). The presence
+# records of the users to evict: {key, record, ...}.
 HELD_BY = """
-local gid = ARGV[5]
+local gid, spare = ARGV[5], ARGV[6] == '1'
+local live = spare and redis.call('GET', alive_key(gid))
 local out = {}
 for _, key in ipairs(redis.call('SMEMBERS', users_key(gid))) do
   local rec = redis.call('HGET', ONLINE, key)
-  if rec and cjson.decode(rec).gateway == gid then
-    out[#out + 1] = key
-    out[#out + 1] = rec
+  local p = rec and cjson.decode(rec)
+  if p and p.gateway == gid then
+    if not (live and string.sub(p.session, 1, #live + 1) == live .. '-') then
+      out[#out + 1] = key
+      out[#out + 1] = rec
+    end
   else
     redis.call('SREM', users_key(gid), key)
   end
@@ -227,7 +235,8 @@ return out
 """
 
 # ARGV[5]: gateway id; then pairs of name key, session id. Frees those names (their leaves
-# were announced in their rooms); once the gateway holds none, it leaves the reaping queue.
+# were announced in their rooms); once the gateway holds none, or its id is live again, it
+# leaves the reaping queue.
 # Returns the number of names it still holds.
 FORGET = """
 local gid = ARGV[5]
@@ -240,7 +249,9 @@ for i = 6, #ARGV, 2 do
   redis.call('SREM', users_key(gid), ARGV[i])
 end
 local left = redis.call('SCARD', users_key(gid))
-if left == 0 then redis.call('SREM', REAPING, gid) end
+if left == 0 or redis.call('EXISTS', alive_key(gid)) == 1 then
+  redis.call('SREM', REAPING, gid)
+end
 return left
 """
 

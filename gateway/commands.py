@@ -115,17 +115,20 @@ class Moves:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
-        self._moving: set[Session] = set()
+        #: Sessions moving, and the room each is moving to.
+        self._moving: dict[Session, str] = {}
 
-    def __contains__(self, session: Session) -> bool:
-        return session in self._moving
+    def target(self, session: Session) -> tuple[str, ...]:
+        """The room ``session`` is moving to, if it is moving."""
+        target = self._moving.get(session)
+        return () if target is None else (target,)
 
     async def move(self, session: Session, request: Join) -> None:
-        self._moving.add(session)
+        self._moving[session] = request.key
         try:
             await self._move(session, request)
         finally:
-            self._moving.discard(session)
+            del self._moving[session]
 
     async def _move(self, session: Session, request: Join) -> None:
         gw = self._gw
@@ -134,6 +137,8 @@ class Moves:
         assert name is not None and key is not None
         # The lines the user sent before /join are published in the room they were typed in.
         await gw.publisher.barrier()
+        if session.closed:
+            return
         try:
             room, admitted = await relay.host(request.key, session)
         except BrokerUnavailable as exc:
@@ -156,13 +161,17 @@ class Moves:
             session.move_failed(MOVE_UNAVAILABLE_TEXT)
             return
         shown, join_id = entered.room, entered.join_ids[0] or None
-        if session.closed:  # it hung up meanwhile: its release covers the old room only
+        if session.closed:  # it hung up meanwhile, maybe before it entered: leave again
             room.forget(session)
             relay.release(request.key)
-            gw.publisher.release(session.id, key, name, request.key)
+            gw.publisher.release(session.id, key, name, (request.key,))
             return
         await self._leave(session, name, old, shown)
         history = await gw.history_lines(request.key, gw.config.history, join_id)
+        if session.closed:  # its release covered both rooms
+            room.forget(session)
+            relay.release(request.key)
+            return
         session.moved(shown, request.key, entered.members)
         room.enter(session, history)
         session.resume()

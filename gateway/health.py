@@ -1,18 +1,22 @@
 """The gateway's health endpoint: ``GET /health`` over plain HTTP on its own port.
 
-200 while the gateway is registered as live in Redis and subscribed to the room, 503
+200 while the gateway is registered as live in Redis and subscribed to the bus, 503
 otherwise, so a load balancer stops sending new clients to a gateway cut off from Redis.
+``GET /stats`` answers a JSON object of counters (users, connections, rooms hosted, bus
+messages received), which the benchmark reads.
 ``python -m gateway.health [--port P]`` is the matching probe for container health checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +26,10 @@ MAX_REQUEST_BYTES = 2048
 REQUEST_TIMEOUT = 2.0
 
 
-def _response(status: str, body: str) -> bytes:
+def _response(status: str, body: str, content_type: str = "text/plain") -> bytes:
     payload = body.encode()
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}; charset=utf-8\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + payload
@@ -34,8 +38,13 @@ def _response(status: str, body: str) -> bytes:
 class HealthServer:
     """Answers every request with the gateway's current health."""
 
-    def __init__(self, probe: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(
+        self,
+        probe: Callable[[], tuple[bool, str]],
+        stats: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
         self._probe = probe
+        self._stats = stats
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -51,10 +60,15 @@ class HealthServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                await reader.readuntil(b"\r\n\r\n")
-            healthy, detail = self._probe()
-            status = "200 OK" if healthy else "503 Service Unavailable"
-            writer.write(_response(status, detail + "\n"))
+                head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
+            if path == b"/stats":
+                body = json.dumps(self._stats()) + "\n"
+                writer.write(_response("200 OK", body, "application/json"))
+            else:
+                healthy, detail = self._probe()
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                writer.write(_response(status, detail + "\n"))
             await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # a probe that hung up or sent junk gets nothing more

@@ -42,14 +42,17 @@ class _Release:
     session_id: str
     key: str
     name: str
-    #: The room the user was in, whose members see it leave.
-    room: str
+    #: The rooms the user was in (two while a move was under way), whose members see it
+    #: leave; the first is where a forced leave is announced.
+    rooms: tuple[str, ...]
     #: Whether the cluster saw this user join, so that a leave is owed even if Redis
     #: forgot the user (False for a claim whose outcome was never known).
     owed: bool
     #: Redis lost its data since the claim: no release can find the user, so the leave
     #: is announced directly, on every retry too.
     forced: bool = False
+    #: The room's leave went out already (only freeing the name failed): never again.
+    announced: bool = False
 
 
 @dataclass(slots=True)
@@ -83,10 +86,12 @@ class Publisher:
         (or refused)."""
         self._push(_Message(sender, room, encode_message(name, text)))
 
-    def release(self, session_id: str, key: str, name: str, room: str, owed: bool = True) -> None:
-        """Queue the release of a session's name (and its leave of ``room``), after
+    def release(
+        self, session_id: str, key: str, name: str, rooms: tuple[str, ...], owed: bool = True
+    ) -> None:
+        """Queue the release of a session's name (and its leave of ``rooms``), after
         everything it sent."""
-        self._push(_Release(session_id, key, name, room, owed))
+        self._push(_Release(session_id, key, name, rooms, owed))
 
     async def barrier(self) -> None:
         """Wait until everything queued so far has been handled."""
@@ -146,26 +151,33 @@ class Publisher:
             assert isinstance(message, _Message)
             by_room.setdefault(message.room, []).append(message)
             taken += 1
-        for room, batch in by_room.items():
-            delivered = False
-            try:
-                await self._broker.publish(room, [m.body for m in batch])
-                delivered = True
-            except BrokerUnavailable as exc:
-                log.warning("could not publish %d message(s): %s", len(batch), exc)
-            except Exception:
-                log.exception("unexpected error publishing %d message(s)", len(batch))
-            for message in batch:
-                message.sender.published(delivered)
+        # Rooms are independent: their batches go out side by side, each in its own order.
+        await asyncio.gather(*(self._publish_room(room, batch) for room, batch in by_room.items()))
+
+    async def _publish_room(self, room: str, batch: list[_Message]) -> None:
+        delivered = False
+        try:
+            await self._broker.publish(room, [m.body for m in batch])
+            delivered = True
+        except BrokerUnavailable as exc:
+            log.warning("could not publish %d message(s): %s", len(batch), exc)
+        except Exception:
+            log.exception("unexpected error publishing %d message(s)", len(batch))
+        for message in batch:
+            message.sender.published(delivered)
 
     async def _release(self, item: _Release) -> None:
         leave = encode_leave(item.name, self._gateway, item.session_id)
         try:
             if item.forced:
-                await self._broker.force_leave(item.room, item.session_id, leave)
+                if not item.announced:
+                    await self._broker.force_leave(item.rooms[0], item.session_id, leave)
                 return
             # The leave first: nobody can take the name before its old holder is seen go.
-            await self._broker.leave(item.room, [(item.session_id, leave)])
+            if not item.announced:
+                for room in item.rooms:
+                    (event_id,) = await self._broker.leave(room, [(item.session_id, leave)])
+                    item.announced = item.announced or bool(event_id)
             settled = await self._broker.release(item.key, item.session_id, self._gateway)
         except BrokerUnavailable as exc:
             log.warning("could not release %r yet: %s", item.key, exc)

@@ -62,6 +62,8 @@ class Relay:
         self.subscribed = asyncio.Event()
         #: Whether the subscription is up now.
         self.up = False
+        #: Messages received from the bus (room events and inbox), for ``GET /stats``.
+        self.received = 0
 
     async def run(self) -> None:
         """Subscribe and deliver, subscribing again (and replaying) when the link breaks."""
@@ -137,6 +139,7 @@ class Relay:
             self._deliver_room(room, missed)
 
     def _deliver(self, batch: list[Delivery]) -> None:
+        self.received += len(batch)
         by_room: dict[str, list[RoomEvent]] = {}
         for key, event in batch:
             if isinstance(event, PrivateDelivery | UserKicked):

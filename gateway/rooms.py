@@ -234,7 +234,10 @@ class Room:
                 if not pending[1].done():
                     pending[1].set_result(None)
             return
-        self._broadcast(notice_line(_departure_text(event)), skip=event.session)
+        if self._busy():
+            self._summarise(event)
+        else:
+            self._broadcast(notice_line(_departure_text(event)), skip=event.session)
         leaving = self._leaving.pop(event.session, None)
         if leaving is not None:
             member = (

@@ -100,7 +100,7 @@ class Gateway:
         self._background: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
-        self._health = HealthServer(self.health)
+        self._health = HealthServer(self.health, self.stats)
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
         self._stopping = False
@@ -174,6 +174,15 @@ class Gateway:
             f"ok: {len(self._by_key)} user(s), {len(self._sessions)} connection(s), "
             f"{len(self.rooms)} room(s)"
         )
+
+    def stats(self) -> dict[str, int]:
+        """Counters for ``GET /stats``."""
+        return {
+            "users": len(self._by_key),
+            "connections": len(self._sessions),
+            "rooms": len(self.rooms),
+            "bus_messages": self.relay.received,
+        }
 
     async def shutdown(self) -> None:
         """Drain and stop; see the module docstring for the sequence."""
@@ -353,14 +362,15 @@ class Gateway:
             self._per_address.pop(address, None)
         if session.key is not None and self._by_key.get(session.key) is session:
             del self._by_key[session.key]
-        room = self.rooms.get(session.room_key)
-        if room is not None:
-            room.forget(session)
-            self.relay.release(session.room_key)
+        # Its room, and the one it was moving to if a move was under way.
+        rooms = tuple(dict.fromkeys((session.room_key, *self.moves.target(session))))
+        for key in rooms:
+            room = self.rooms.get(key)
+            if room is not None:
+                room.forget(session)
+                self.relay.release(key)
         if session.joined and session.key is not None and not self._stopping:
-            self.publisher.release(
-                session.id, session.key, session.name or session.key, session.room_key
-            )
+            self.publisher.release(session.id, session.key, session.name or session.key, rooms)
         log.info("connection %s closed (%s)", session.id, session.name or "no name")
         if self._stopping and not self._sessions:
             self._all_closed.set()
@@ -427,7 +437,7 @@ class Gateway:
         if room is not None:
             room.forget(session)
         self.relay.release(DEFAULT_ROOM_KEY)
-        self.publisher.release(session.id, key, name, DEFAULT_ROOM_KEY, owed=owed)
+        self.publisher.release(session.id, key, name, (DEFAULT_ROOM_KEY,), owed=owed)
 
     async def history_lines(self, room: str, count: int, before: str | None) -> bytes:
         """The last ``count`` messages of ``room`` (before stream id ``before``), as

@@ -379,9 +379,7 @@ async def test_leave_announces_once(broker: RedisBroker) -> None:
     async with listen(broker) as listener:
         [left] = await broker.leave(LOBBY, [("s1", encode_leave("Alice", "gw1", "s1", "#x"))])
         assert await broker.leave(LOBBY, [("s1", encode_leave("Alice", "gw1", "s1"))]) == [""]
-        assert await broker.leave(LOBBY, [("nobody", encode_leave("N", "gw1", "nobody"))]) == [
-            ""
-        ]
+        assert await broker.leave(LOBBY, [("nobody", encode_leave("N", "gw1", "nobody"))]) == [""]
         received = await listener.until_marker()
     assert left
     assert received == [(LOBBY, UserLeft(left, "Alice", "gw1", "s1", "#x"))]
@@ -509,16 +507,20 @@ async def test_events_after_returns_exactly_the_later_events(broker: RedisBroker
 
 
 async def test_history_returns_the_last_messages_of_the_room(broker: RedisBroker) -> None:
-    """history() gives the last chat messages (joins and leaves skipped), oldest first,
-    and only those before a given id when asked."""
-    await broker.enter(LOBBY, DEFAULT_ROOM, [Member("s1", "A", "g", encode_join("A", "g", "s1"))])
+    """history() gives the last chat messages (joins and leaves skipped, over several
+    pages of them), oldest first, and only those before a given id when asked."""
     ids = []
     for n in range(5):
         ids += await broker.publish(LOBBY, [encode_message("A", f"m{n}")])
-        await broker.enter(LOBBY, DEFAULT_ROOM, [Member(f"x{n}", "X", "g", encode_join("X", "g", "x"))])
+        await broker.enter(
+            LOBBY, DEFAULT_ROOM, [Member(f"x{n}", "X", "g", encode_join("X", "g", f"x{n}"))]
+        )
+    crowd = [Member(f"c{n}", f"C{n}", "g", encode_join(f"C{n}", "g", f"c{n}")) for n in range(150)]
+    await broker.enter(LOBBY, DEFAULT_ROOM, crowd)
     assert [m.text for m in await broker.history(LOBBY, 3)] == ["m2", "m3", "m4"]
     assert [m.text for m in await broker.history(LOBBY, 10)] == [f"m{n}" for n in range(5)]
     assert [m.id for m in await broker.history(LOBBY, 2, before=ids[3])] == ids[1:3]
+    assert await broker.history(LOBBY, 2, before=ids[0]) == []
     assert await broker.history(MATH, 3) == []
 
 
@@ -724,6 +726,18 @@ async def test_reap_announces_each_leave_once_in_the_users_rooms(broker: RedisBr
     assert (record.id, record.users) == ("live", 1)
     assert await broker._commands.smembers(keys.REAPING) == set()
     assert (await broker.claim("alice", "Alice", "live", "inst", "s5", time.time())).accepted
+
+
+async def test_registering_again_takes_the_id_off_the_reaping_queue(broker: RedisBroker) -> None:
+    """A reaper died after queuing a dead gateway that held no users: once a new instance
+    registers under that id, no reap evicts the new instance's users."""
+    await register(broker, "gw1", instance="A")
+    await expire(broker, "gw1")
+    assert [text(g) for g in await broker._global("reap", ())] == ["gw1"]  # reaper died here
+    assert await register(broker, "gw1", instance="B") == 0
+    await login(broker, "Carol", "gw1", "B-1", instance="B")
+    assert await broker.reap_dead_gateways() == {}
+    assert [p.name for p in await broker.online()] == ["Carol"]
 
 
 async def test_concurrent_evictions_announce_each_leave_once(broker: RedisBroker) -> None:

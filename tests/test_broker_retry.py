@@ -4,8 +4,9 @@ A Redis that runs a script and dies before answering leaves the caller not knowi
 whether it ran. Calls that give the same result when repeated (claim by the same
 session, a room's enter and leave, release, heartbeat...) are retried; calls that add to
 what users see each time they run (a message or notice published in a room, a private
-message or kick sent to a gateway's inbox) are not, or it would be shown twice. A stand-in server that reads
-each script call and hangs up without answering tells how many times each was sent.
+message or kick sent to a gateway's inbox) are not, or it would be shown twice. A
+stand-in server that reads each script call and hangs up without answering tells how
+many times each was sent.
 """
 
 from __future__ import annotations

@@ -670,3 +670,53 @@ def test_render_starts_with_a_timestamp() -> None:
     now = 1_700_000_000.0
     ft = list(render(classify("bob: hi"), None, now=now))
     assert ft[0][1] == time.strftime("%H:%M ", time.localtime(now))
+
+
+# --- rooms and private messages ---------------------------------------------------------------
+
+
+def test_private_lines_are_classified_with_sender_and_recipient() -> None:
+    """`(private) S: T` and `(private to R) S: T` are PRIVATE lines, not notices or chat."""
+    received = classify("(private) bob: hi: there")
+    assert (received.kind, received.name, received.to, received.text) == (
+        Kind.PRIVATE, "bob", None, "hi: there",
+    )  # fmt: skip
+    echo = classify("(private to bob) alice: hi")
+    assert (echo.kind, echo.name, echo.to, echo.text) == (Kind.PRIVATE, "alice", "bob", "hi")
+    assert classify("(not private) x: y").kind is Kind.NOTICE
+
+
+def test_render_marks_private_lines() -> None:
+    """A private line is drawn with its own label and style, unlike a chat line."""
+    private = render(classify("(private) bob: psst"), "alice", now=0)
+    chat = render(classify("bob: psst"), "alice", now=0)
+    assert "(private) " in "".join(text for _, text in private)
+    assert {style for style, _ in private} != {style for style, _ in chat}
+
+
+def test_the_room_follows_the_servers_notices() -> None:
+    """The protocol tracks the room from `* You are in #ROOM now` and resets it on login."""
+    proto = chatting("alice")
+    assert proto.room == "#lobby"
+    proto.receive_data(b"* You are in #Math now: 3 users here.\n")
+    assert proto.room == "#Math"
+
+
+@pytest.mark.parametrize(
+    ("line", "answer"),
+    [
+        ("/rooms", "* 2 rooms:"),
+        ("/msg bob hi", "(private to bob) alice: hi"),
+        ("/msg zed hi", "! no user named zed is online"),
+        ("/who", "* 2 users in #math:"),
+    ],
+)
+def test_commands_answered_later_are_waited_for(line: str, answer: str) -> None:
+    """A pipe waits for the answer of /rooms, /msg and /who, and only for that."""
+    proto = chatting("alice")
+    proto.send_line(line)
+    assert proto.answers_due == 1
+    proto.receive_data(b"* bob joined #math\n")
+    assert proto.answers_due == 1
+    proto.receive_data(answer.encode() + b"\n")
+    assert proto.answers_due == 0

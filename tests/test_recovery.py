@@ -3,8 +3,8 @@
 The leaves of users who went while Redis was away can only be announced by their
 gateway: Redis forgot them, so no release finds them. These tests break the recovery
 (or the announcement) once and check that the retry still announces every such leave,
-exactly once. The gateway runs in-process on the embedded broker with its liveness loop
-idle, so that the test alone decides when recovery runs.
+exactly once, in the room the user was in. The gateway runs in-process on the embedded
+broker with its liveness loop idle, so that the test alone decides when recovery runs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from broker import BrokerUnavailable, RedisBroker
+from chatwire.names import DEFAULT_ROOM_KEY, room_key
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
 from tests.support import ChatClient, T, port_of
@@ -54,9 +55,13 @@ class FailOnce:
         setattr(target, method, flaky)
 
 
-async def leave_while_redis_is_away(gateway: Gateway, leaver: ChatClient) -> None:
-    """``leaver`` hangs up while Redis cannot be reached; then Redis comes back empty."""
-    release = FailOnce(gateway.broker, "release")
+async def leave_while_redis_is_away(
+    gateway: Gateway, leaver: ChatClient, failing: str = "leave"
+) -> None:
+    """``leaver`` hangs up while Redis cannot be reached (its release fails at the broker
+    call ``failing``: the room leave, its first step, by default); then Redis comes back
+    empty."""
+    release = FailOnce(gateway.broker, failing)
     await leaver.close()
     async with asyncio.timeout(T):
         await release.called.wait()
@@ -66,9 +71,17 @@ async def leave_while_redis_is_away(gateway: Gateway, leaver: ChatClient) -> Non
 
 async def recover(gateway: Gateway) -> None:
     """What the liveness loop does once a heartbeat says the registration was lost."""
-    await gateway._recover_registration()
+    await gateway.liveness.recover()
     gateway.publisher.retry_releases()
     await gateway.publisher.drain()
+
+
+async def seen_once(observer: ChatClient, line: str) -> None:
+    """``line`` reaches ``observer``, and only once before the observer's next message."""
+    seen = await observer.expect(line)
+    await observer.send("marker")
+    seen += await observer.expect(f"{observer.name}: marker")
+    assert seen.count(line) == 1, seen
 
 
 async def test_a_failed_recovery_is_retried_with_the_same_verdict(gateway: Gateway) -> None:
@@ -81,13 +94,11 @@ async def test_a_failed_recovery_is_retried_with_the_same_verdict(gateway: Gatew
 
     FailOnce(gateway.broker, "restore_gateway")
     with pytest.raises(BrokerUnavailable):
-        await gateway._recover_registration()
+        await gateway.liveness.recover()
     await recover(gateway)
 
-    seen = await observer.expect("* alice left the chat")
-    await observer.send("marker")
-    seen += await observer.expect("observer: marker")
-    assert seen.count("* alice left the chat") == 1, seen
+    await seen_once(observer, "* alice left the chat")
+    assert await gateway.broker.members(DEFAULT_ROOM_KEY) == ["observer"]
 
 
 async def test_a_failed_forced_leave_is_retried_as_forced(gateway: Gateway) -> None:
@@ -102,7 +113,39 @@ async def test_a_failed_forced_leave_is_retried_as_forced(gateway: Gateway) -> N
     await recover(gateway)
     assert force.calls == 2  # failed in recovery, retried with the other releases
 
-    seen = await observer.expect("* alice left the chat")
-    await observer.send("marker")
-    seen += await observer.expect("observer: marker")
-    assert seen.count("* alice left the chat") == 1, seen
+    await seen_once(observer, "* alice left the chat")
+
+
+async def test_an_outage_leave_is_announced_in_the_users_room(gateway: Gateway) -> None:
+    """A user who left another room while Redis was away is announced as left in that
+    room, once, and the room is gone with its last member."""
+    observer = await user(gateway, "observer")
+    alice = await user(gateway, "alice")
+    for client in (observer, alice):
+        await client.send("/join #math")
+        await client.expect(lambda line: line.startswith("* You are in #math now"))
+    await observer.expect("* alice joined #math")
+    await leave_while_redis_is_away(gateway, alice)
+
+    await recover(gateway)
+
+    await seen_once(observer, "* alice left the chat")
+    assert await gateway.broker.members(room_key("#math")) == ["observer"]
+    assert [(p.name, p.room_key) for p in await gateway.broker.online()] == [
+        ("observer", room_key("#math"))
+    ]
+
+
+async def test_a_leave_announced_before_the_outage_is_not_announced_again(
+    gateway: Gateway,
+) -> None:
+    """The leave reached Redis but the name's release did not, then Redis lost its data:
+    the recovery does not announce that leave again."""
+    observer = await user(gateway, "observer")
+    alice = await user(gateway, "alice")
+    await observer.expect("* alice joined the chat")
+    await leave_while_redis_is_away(gateway, alice, failing="release")
+
+    await recover(gateway)
+
+    await seen_once(observer, "* alice left the chat")

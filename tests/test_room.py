@@ -610,18 +610,15 @@ async def test_own_joiners_are_summarised_in_a_busy_room_too(
     assert members[0].written == [notice_line("3 users joined the chat: n0, n1, n2")]
 
 
-async def test_a_quiet_room_announces_each_join_at_once() -> None:
+async def test_a_quiet_room_announces_each_join_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """At or under the notice limit, each join is its own line, with no summary timer."""
+    timers = Timers(monkeypatch)
     room, (a, _) = live_room("a", "b", notice_limit=2)
     room.deliver_batch([UserJoined("2-0", "u1", "gw-x", "x1")])
     assert a.written == [notice_line(joined_text("u1"))]
+    assert timers.scheduled == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Room._own_event announces a held member's leave one by one even in a busy room "
-    "(gateway/rooms.py, the UserLeft branch of _own_event never checks _busy())",
-)
 async def test_own_movers_leaving_a_busy_room_are_summarised_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -629,11 +626,15 @@ async def test_own_movers_leaving_a_busy_room_are_summarised_too(
     like every other join and leave there, not each written to everyone at once."""
     timers = Timers(monkeypatch)
     room, (a, _, c) = live_room("a", "b", "c", notice_limit=1)
+    timers.fire()  # c's own join was summarised already
+    a.written.clear()
+    c.written.clear()
     room.expect_leave(c)
     room.deliver_batch([left(c, "2-0", to="#math")])
     assert a.written == []
     timers.fire()
     assert a.written == [notice_line(moved_out_text("c", "#math"))]
+    assert c.written == []  # gone before the summary
 
 
 async def test_clear_cancels_a_pending_summary(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -690,6 +691,35 @@ async def test_close_if_empty_closes_an_idle_room() -> None:
     assert len(rooms) == 0
     assert rooms.close_if_empty("#math") is False  # not hosted
     assert rooms.open("#math") is not room
+
+
+async def test_a_room_awaiting_a_leave_event_is_not_closed() -> None:
+    """A room still waiting for a mover's own leave event is not idle, nor closed."""
+    rooms = Rooms()
+    room = rooms.open("#math")
+    leaving = room.expect_leave(FakeMember("bob"))
+    assert len(room) == 0
+    assert not room.idle()
+    assert rooms.close_if_empty("#math") is False
+    room.deliver_batch([UserLeft("1-0", "bob", "gw", "bob-s", "#lobby")])
+    assert leaving.done()
+    assert rooms.close_if_empty("#math") is True
+
+
+async def test_closing_a_room_drops_its_pending_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A room closed with a summary still due cancels it: no timer outlives the room."""
+    timers = Timers(monkeypatch)
+    rooms = Rooms(notice_limit=1)
+    room = rooms.open("#math")
+    members = [FakeMember("a"), FakeMember("b")]
+    for n, member in enumerate(members):
+        enter(room, member, f"1-{n}")
+    room.deliver_batch([UserJoined("2-0", "u1", "gw-x", "x1")])
+    assert len(timers.pending()) == 1
+    for member in members:
+        room.forget(member)
+    assert rooms.close_if_empty("#math") is True
+    assert timers.pending() == []
 
 
 async def test_members_counts_everyone_across_rooms() -> None:

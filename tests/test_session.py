@@ -421,12 +421,6 @@ def test_a_join_refused_by_flood_control_leaves_the_room_unchanged() -> None:
     assert transport.output.endswith(notice_line(HELP[-1]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/session.py _process: after a /join refused by flood control "
-    "(proto.move_failed()), the lines buffered behind it are not parsed until more data "
-    "arrives, so a 'sair' sent with it is left unanswered",
-)
 @pytest.mark.usefixtures("frozen_clock")
 def test_lines_behind_a_join_refused_by_flood_control_are_handled_at_once() -> None:
     """A ``sair`` sent right after a /join that flood control refused still says goodbye."""

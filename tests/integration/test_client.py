@@ -281,3 +281,56 @@ async def test_interactive_asks_for_a_name_and_again_when_taken(
     await term.wait_for("Your name:")
     term.type("carol\r")
     await term.wait_for("Welcome, carol!")
+
+
+async def test_interactive_prompt_names_the_room_and_private_lines_stand_out(
+    cluster: Cluster, terminals: list[Terminal]
+) -> None:
+    """/join changes the prompt to `NAME #ROOM> `; a private message arrives marked as
+    private; /help lists the room and private commands."""
+    await cluster.start(2)
+    bob = await cluster.user(1, "bob")
+    term = Terminal(cluster.gateways[0].port, "alice")
+    terminals.append(term)
+    await term.wait_for("Welcome, alice!")
+    await bob.expect("* alice joined the chat")
+    term.type("/join #math\r")
+    await term.wait_for("You are in #math now", cursor_line="alice #math>")
+    await bob.expect("* alice left for #math")
+    await bob.send("/msg alice a secret")
+    assert await bob.readline() == "(private to alice) bob: a secret"
+    lines = await term.wait_for("a secret")
+    assert any(line.endswith("(private)  bob: a secret") for line in lines), lines
+    term.type("/help\r")
+    lines = await term.wait_for("/msg NAME TEXT")
+    assert any("/join #ROOM" in line for line in lines)
+    term.type("/part\r")
+    await term.wait_for("You are in #lobby now", cursor_line="alice #lobby>")
+
+
+async def test_a_reconnecting_client_goes_back_to_its_room(cluster: Cluster) -> None:
+    """A pipe client in #math whose gateway restarts logs in again and rejoins #math."""
+    await cluster.start(1)
+    watcher = await cluster.user(0, "watcher")
+    await watcher.send("/join #math")
+    await watcher.expect(lambda line: line.startswith("* You are in #math"))
+    gateway = cluster.gateways[0]
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "chat-client"), "--host", "127.0.0.1", "--port", str(gateway.port),
+        "--name", "ana",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"/join #math\n")
+    await proc.stdin.drain()
+    assert await watcher.readline() == "* ana joined #math"
+    await gateway.stop()
+    await gateway.start(port=gateway.port)
+    watcher = await cluster.user(0, "watcher2")
+    await watcher.send("/join #math")
+    await watcher.expect(lambda line: line.startswith("* You are in #math"))
+    assert await watcher.expect("* ana joined #math", timeout=6 * T)
+    proc.stdin.close()
+    async with asyncio.timeout(4 * T):
+        assert await proc.wait() == 0
