@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import Cluster
-from tests.support import ChatClient, T, run_cli
+from tests.support import ChatClient, GatewayProcess, T, TcpProxy, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -408,3 +408,64 @@ async def test_a_storm_of_joins_leaves_no_stray_keys(
     )
     assert status == 0
     assert json.loads(out) == [{"room": "#lobby", "users": 1}]
+
+
+async def test_a_cut_link_is_replayed_room_by_room(cluster: Cluster) -> None:
+    """A gateway's link to Redis is cut while two rooms are busy elsewhere: when it
+    returns, each of its users gets exactly its own room's messages, in order, once."""
+    await cluster.start(1, "--rate-limit", "0")
+    proxy = TcpProxy(cluster.redis.port)
+    await proxy.start()
+    cut_gateway = GatewayProcess("gw-cut", proxy.url)
+    cluster.gateways.append(cut_gateway)
+    try:
+        await cut_gateway.start()
+        senders = {room: await cluster.user(0, f"s{room[1:]}") for room in ("#a", "#b")}
+        receivers = {room: await cluster.user(1, f"r{room[1:]}") for room in ("#a", "#b")}
+        for room in ("#a", "#b"):
+            await join(senders[room], room)
+            await join(receivers[room], room)
+            await senders[room].expect(f"* r{room[1:]} joined {room}")
+        await proxy.cut()
+        for room, sender in senders.items():
+            await sender.send("".join(f"{room} {n:03d}\n" for n in range(100)).encode())
+        for room, sender in senders.items():
+            await sender.expect(f"{sender.name}: {room} 099")  # all in Redis now
+        await proxy.start()
+        for room, receiver in receivers.items():
+            lines = await receiver.expect(f"s{room[1:]}: {room} 099", timeout=6 * T)
+            chat = [line for line in lines if not line.startswith("* ")]
+            assert chat == [f"s{room[1:]}: {room} {n:03d}" for n in range(100)]
+            seen = await sync_on(senders[room], receiver)
+            assert len(seen[0]) == 1, seen
+        assert cut_gateway.log is not None
+        assert sum("replaying" in line for line in cut_gateway.log.lines) == 2
+    finally:
+        await proxy.close()
+
+
+async def test_announcements_reach_every_room_or_the_one_named(cluster: Cluster) -> None:
+    """`chat-admin announce` reaches every room once; with --room, that room only; an
+    invalid or empty room is a clear failure."""
+    await cluster.start(2)
+    ana = await cluster.user(0, "ana")
+    bob = await cluster.user(1, "bob")
+    await join(ana, "#math")
+    await bob.expect("* ana left for #math")
+    url = cluster.redis.url
+    status, _, err = await run_cli("chat-admin", "--redis-url", url, "announce", "to", "all")
+    assert status == 0, err
+    assert await ana.readline() == "* [admin] to all"
+    assert await bob.readline() == "* [admin] to all"
+    status, _, err = await run_cli(
+        "chat-admin", "--redis-url", url, "announce", "--room", "#MATH", "quiz time"
+    )
+    assert status == 0, err
+    assert await ana.readline() == "* [admin] quiz time"
+    seen = await sync_on(bob, bob)
+    assert len(seen[0]) == 1, seen
+    for room, message in (("math", "invalid room name"), ("#empty", "nobody is in #empty")):
+        status, out, err = await run_cli(
+            "chat-admin", "--redis-url", url, "announce", "--room", room, "x"
+        )
+        assert status == 1 and out == "" and message in err and len(err.splitlines()) == 1
