@@ -24,6 +24,7 @@ WORKDIR /src
 # Only what `pip install .` reads: pyproject.toml (README.md is its `readme`) and the
 # packages. Tests, CI and deployment files never enter the image.
 COPY pyproject.toml README.md ./
+COPY chatwire/ chatwire/
 COPY gateway/ gateway/
 COPY broker/ broker/
 COPY client/ client/

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,17 +55,18 @@ class Run:
 async def _measure(
     name: str,
     cluster: Cluster,
-    clients: list[LoadClient],
-    pacer: Senders,
+    clients: int,
+    senders: int,
+    offered: float,
     stats: Stats,
-    rate: float,
-    duration: float,
+    send: Callable[[], Awaitable[tuple[int, int]]],
 ) -> Run:
+    """Run ``send`` (which returns messages sent and deliveries expected of them), wait
+    for the deliveries, and take the figures."""
     stats.reset()
     before = cluster.cpu() | {"generator": self_cpu_seconds()}
     started = time.monotonic()
-    sent = await pacer.run(rate, duration)
-    expected = sent * len(clients)
+    sent, expected = await send()
     stats.target = expected
     if stats.deliveries >= expected:
         stats.reached.set()
@@ -78,9 +80,9 @@ async def _measure(
     latencies = sorted(stats.latencies_us)
     return Run(
         name=name,
-        clients=len(clients),
-        senders=len(pacer.clients),
-        offered_msgs_per_s=rate * len(pacer.clients),
+        clients=clients,
+        senders=senders,
+        offered_msgs_per_s=offered,
         sent=sent,
         expected_deliveries=expected,
         deliveries=stats.deliveries,
@@ -95,6 +97,25 @@ async def _measure(
     )
 
 
+async def _one_room(
+    name: str,
+    cluster: Cluster,
+    clients: list[LoadClient],
+    pacer: Senders,
+    stats: Stats,
+    rate: float,
+    duration: float,
+) -> Run:
+    """Every client in one room: each message sent reaches every client."""
+
+    async def send() -> tuple[int, int]:
+        sent = await pacer.run(rate, duration)
+        return sent, sent * len(clients)
+
+    offered = rate * len(pacer.clients)
+    return await _measure(name, cluster, len(clients), len(pacer.clients), offered, stats, send)
+
+
 async def fixed(cluster: Cluster, clients: int, senders: int, rate: float, duration: float) -> Run:
     """N clients, S senders x R messages/s for D seconds."""
     stats = Stats()
@@ -102,7 +123,7 @@ async def fixed(cluster: Cluster, clients: int, senders: int, rate: float, durat
     try:
         await asyncio.sleep(0.5)  # let the join notices of the last logins pass
         pacer = Senders(pool[:senders])
-        return await _measure("fixed", cluster, pool, pacer, stats, rate, duration)
+        return await _one_room("fixed", cluster, pool, pacer, stats, rate, duration)
     finally:
         for client in pool:
             if client.transport is not None:
@@ -130,7 +151,7 @@ async def saturation(
         pacer = Senders(pool[:senders])
         rate = start_rate
         for step in range(steps):
-            run = await _measure(
+            run = await _one_room(
                 f"step {step + 1}", cluster, pool, pacer, stats, rate, step_seconds
             )
             runs.append(run)
@@ -233,24 +254,16 @@ async def rooms(
         await asyncio.sleep(1.0)  # let the last joins pass
         big_pacer = Senders(big[:big_senders])
         small_pacer = Senders([room[0] for room in small], offset=big_senders)
-        stats.reset()
         inbound_before = [s["bus_messages"] for s in cluster.stats()]
-        before = cluster.cpu() | {"generator": self_cpu_seconds()}
-        started = time.monotonic()
-        big_sent, small_sent = await asyncio.gather(
-            big_pacer.run(big_rate, duration), small_pacer.run(small_rate, duration)
-        )
-        expected = big_sent * big_room + small_sent * room_size
-        stats.target = expected
-        if stats.deliveries >= expected:
-            stats.reached.set()
-        try:
-            async with asyncio.timeout(DRAIN_TIMEOUT):
-                await stats.reached.wait()
-        except TimeoutError:
-            pass  # what did not arrive by now counts as lost
-        elapsed = time.monotonic() - started
-        after = cluster.cpu() | {"generator": self_cpu_seconds()}
+
+        async def send() -> tuple[int, int]:
+            big_sent, small_sent = await asyncio.gather(
+                big_pacer.run(big_rate, duration), small_pacer.run(small_rate, duration)
+            )
+            return big_sent + small_sent, big_sent * big_room + small_sent * room_size
+
+        offered = big_rate * big_senders + small_rate * small_rooms
+        run = await _measure("rooms", cluster, len(everyone), senders, offered, stats, send)
         inbound = [
             s["bus_messages"] - b for s, b in zip(cluster.stats(), inbound_before, strict=True)
         ]
@@ -258,27 +271,10 @@ async def rooms(
         for client in everyone:
             if client.transport is not None:
                 client.transport.close()
-    per_room = small_pacer.sent
+    # Every gateway hosts the big room; small room r is on gateway r mod G.
+    big_sent = sum(big_pacer.sent)
     own = [
-        big_sent + sum(n for r, n in enumerate(per_room) if r % len(gateways) == g)
+        big_sent + sum(n for r, n in enumerate(small_pacer.sent) if r % len(gateways) == g)
         for g in range(len(gateways))
     ]
-    latencies = sorted(stats.latencies_us)
-    run = Run(
-        name="rooms",
-        clients=len(everyone),
-        senders=senders,
-        offered_msgs_per_s=big_rate * big_senders + small_rate * small_rooms,
-        sent=big_sent + small_sent,
-        expected_deliveries=expected,
-        deliveries=stats.deliveries,
-        seconds=round(elapsed, 2),
-        p50_ms=percentile(latencies, 50),
-        p90_ms=percentile(latencies, 90),
-        p99_ms=percentile(latencies, 99),
-        max_ms=latencies[-1] / 1000.0 if latencies else float("nan"),
-        lost=max(0, expected - stats.deliveries + stats.duplicates_or_reordered),
-        duplicates_or_reordered=stats.duplicates_or_reordered,
-        cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
-    )
     return RoomsRun(run, small_rooms + 1, inbound, own)

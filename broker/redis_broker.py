@@ -412,6 +412,11 @@ class RedisBroker:
             )
         return users
 
+    async def online_count(self) -> int:
+        """How many users are online, cluster-wide."""
+        with unavailable_on_error("online count"):
+            return int(await self._commands.hlen(keys.ONLINE))
+
     async def touch(self, last_active: dict[str, float]) -> None:
         """Record users' last message times ({name key: Unix time}); one call per batch."""
         if last_active:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
 from typing import TYPE_CHECKING, assert_never
 
 from broker import BrokerUnavailable, Member
@@ -70,8 +71,8 @@ class Commands:
         broker = self._gw.broker
         try:
             names = await broker.members(session.room_key)
-            everyone = session.room_key == DEFAULT_ROOM_KEY and len(names) == len(
-                await broker.online()
+            everyone = (
+                session.room_key == DEFAULT_ROOM_KEY and len(names) == await broker.online_count()
             )
         except BrokerUnavailable as exc:
             log.warning("cannot list users: %s", exc)
@@ -159,6 +160,8 @@ class Moves:
             room.forget(session)
             relay.release(request.key)
             session.move_failed(MOVE_UNAVAILABLE_TEXT)
+            with suppress(BrokerUnavailable):  # presence back to the room it is still in
+                await broker.set_room(key, session.id, old)
             return
         shown, join_id = entered.room, entered.join_ids[0] or None
         if session.closed:  # it hung up meanwhile, maybe before it entered: leave again
@@ -188,17 +191,21 @@ class Moves:
         gw = self._gw
         previous = gw.rooms.get(old)
         left = previous.expect_leave(session) if previous is not None else None
+        announced = False
         try:
-            await gw.broker.leave(old, [(session.id, encode_leave(name, gw.id, session.id, to))])
+            leave = encode_leave(name, gw.id, session.id, to)
+            announced = any(await gw.broker.leave(old, [(session.id, leave)]))
         except BrokerUnavailable as exc:
             # The user is in the new room; the old one still lists it until its
             # eviction (presence names both rooms), which is the best we can do now.
             log.warning("cannot announce %s leaving %s: %s", name, old, exc)
-        if left is not None and previous is not None:
-            try:
-                async with asyncio.timeout(ADMIT_TIMEOUT):
-                    await left
-            except TimeoutError:
-                log.warning("leave of %s from %s not seen in %.0fs", name, old, ADMIT_TIMEOUT)
+        if previous is not None and left is not None:
+            if announced:  # its leave event ends the mover's view of the room
+                try:
+                    async with asyncio.timeout(ADMIT_TIMEOUT):
+                        await left
+                except TimeoutError:
+                    log.warning("leave of %s from %s not seen in %.0fs", name, old,
+                                ADMIT_TIMEOUT)  # fmt: skip
             previous.forget(session)
         gw.relay.release(old)

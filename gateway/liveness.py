@@ -69,7 +69,7 @@ class Liveness:
         meanwhile are disconnected."""
         gw = self._gateway
         broker = gw.broker
-        users = [s for s in gw.sessions() if s.joined and not s.closed and s.key and s.name]
+        users = [s for s in gw.sessions() if s.joined and not s.closed]
         log.warning("registration lost; registering again and restoring %d user(s)", len(users))
         # Releases already queued run first, while we are unregistered: those whose user
         # Redis forgot wait, undecided, for the verdict below.
@@ -77,21 +77,19 @@ class Liveness:
         epoch = await broker.epoch()
         lost_data = epoch != self.epoch
         now = time.time()
-        entries = [(s.key, s.name, s.id, now, s.room_key) for s in users]
+        entries = [(s.key, s.name, s.id, now, s.room_key) for s in users if s.key and s.name]
         refused = set(
             await broker.restore_gateway(
-                gw.id, gw.instance, gw.address, gw.started, gw.config.liveness_ttl,
-                entries,  # type: ignore[arg-type]
+                gw.id, gw.instance, gw.address, gw.started, gw.config.liveness_ttl, entries
             )
-        )  # fmt: skip
+        )
         # Users whose leave was announced (we were reaped) are announced again; users Redis
         # merely forgot (it restarted empty) never left anyone's view: restored silently.
         by_room: dict[str, list[Member]] = defaultdict(list)
         shown: dict[str, str] = {}
         for s in users:
-            if s.key in refused:
+            if s.key in refused or s.name is None:
                 continue
-            assert s.name is not None
             join = "" if lost_data else encode_join(s.name, gw.id, s.id)
             by_room[s.room_key].append(Member(s.id, s.name, gw.id, join))
             shown[s.room_key] = s.room
