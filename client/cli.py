@@ -47,11 +47,13 @@ EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NAME_REFUSED = 0, 1, 2, 3
 )
 @click.version_option(package_name="chat-service")
 def cli(host: str, port: int, name: str | None, give_up_after: float) -> None:
-    """Chat in the room served at HOST:PORT.
+    """Chat with the users of HOST:PORT, in #lobby and any room you /join.
 
-    On a terminal: type a line and press Enter to send it; the arrow keys recall earlier
-    lines; sair, /quit, Ctrl-D or Ctrl-C leave. If the connection drops the client
-    reconnects by itself and logs in again under the same name.
+    On a terminal: type a line and press Enter to send it; the prompt shows your name and
+    room; /help lists the commands (/join #ROOM, /part, /rooms, /who, /msg NAME TEXT,
+    /history); the arrow keys recall earlier lines; sair, /quit, Ctrl-D or Ctrl-C leave.
+    If the connection drops the client reconnects by itself, logs in again under the same
+    name and goes back to the room you were in.
 
     In a pipe (stdin not a terminal): each input line is sent, each server line is
     printed unchanged, and at the end of input the client waits for the room's answers,

@@ -116,20 +116,22 @@ class Moves:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
-        #: Sessions moving, and the room each is moving to.
-        self._moving: dict[Session, str] = {}
+        #: Sessions moving, and where each is moving to (its latest move: a move resumes
+        #: the user's input before its own end, so the next may already have begun).
+        self._moving: dict[Session, Join] = {}
 
     def target(self, session: Session) -> tuple[str, ...]:
         """The room ``session`` is moving to, if it is moving."""
-        target = self._moving.get(session)
-        return () if target is None else (target,)
+        request = self._moving.get(session)
+        return () if request is None else (request.key,)
 
     async def move(self, session: Session, request: Join) -> None:
-        self._moving[session] = request.key
+        self._moving[session] = request
         try:
             await self._move(session, request)
         finally:
-            del self._moving[session]
+            if self._moving.get(session) is request:
+                del self._moving[session]
 
     async def _move(self, session: Session, request: Join) -> None:
         gw = self._gw
