@@ -61,6 +61,10 @@ class LineBuffer:
                 continue
             return self._decode(raw)
 
+    def has_line(self) -> bool:
+        """Whether a complete line is waiting to be taken."""
+        return b"\n" in self._buffer
+
     def finish(self) -> str | TooLong | None:
         """At end of stream: the unterminated last line, if any (the peer forgot its LF)."""
         raw, self._buffer = bytes(self._buffer), bytearray()

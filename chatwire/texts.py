@@ -30,7 +30,6 @@ SERVICE_DOWN_TEXT = (
     "The message service is unavailable: nothing you send is delivered until it is back."
 )
 SERVICE_BACK_TEXT = "The message service is back."
-FLOODING_TEXT = "disconnected for flooding"
 RESTART_TEXT = "Server restarting: please reconnect."
 UNAVAILABLE_TEXT = "the chat service is unavailable right now; try again in a moment"
 NOT_DELIVERED_TEXT = "not delivered: the chat service is unavailable; try again"
@@ -222,7 +221,8 @@ def summary_text(names: list[str], what: str, shown: int = 5) -> str:
 
 
 def slow_down_text(rate: float) -> str:
-    return f"slow down: at most {rate:g} lines a second; lines over the limit are not sent"
+    """The notice a client gets when it sends faster than its rate: nothing is lost."""
+    return f"Slow down: at most {rate:g} lines a second; your next lines follow at that pace."
 
 
 def name_taken_text(name: str) -> str:

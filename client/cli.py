@@ -11,7 +11,7 @@ from client.errors import ConnectFailed, NameRefused
 from client.pipe import PipeUI
 from client.session import UI, ChatSession
 
-#: Exit statuses a script can tell apart.
+#: Exit statuses a script can tell apart (4, some lines not delivered, is the session's).
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NAME_REFUSED = 0, 1, 2, 3
 
 
@@ -56,9 +56,11 @@ def cli(host: str, port: int, name: str | None, give_up_after: float) -> None:
     name and goes back to the room you were in.
 
     In a pipe (stdin not a terminal): each input line is sent, each server line is
-    printed unchanged, and at the end of input the client waits for the room's answers,
-    leaves and exits 0. Exit status 1: the gateway could not be reached; 3: the name was
-    refused (the reason is on stderr).
+    printed unchanged, every line is delivered (a gateway that paces a fast sender just
+    makes it slower), and at the end of input the client waits for the server to answer
+    every line, leaves and exits 0. Exit status 1: the gateway could not be reached; 3:
+    the name was refused; 4: some lines were refused by the server or never confirmed
+    (one line on stderr names each); the reason is always on stderr.
     """
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     ui: UI

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from contextlib import suppress
 
 from client.errors import ConnectFailed
 from client.protocol import ClientProtocol, Event
@@ -81,6 +82,12 @@ class Connection:
     def _flush(self) -> None:
         if not self._writer.is_closing():
             self._writer.write(self.protocol.data_to_send())
+
+    async def drain(self) -> None:
+        """Wait while the gateway is not taking our lines in (it paces a fast sender by not
+        reading): what waits to be sent stays bounded. A broken link ends the wait."""
+        with suppress(OSError, RuntimeError):  # the link is going; events() reports its end
+            await self._writer.drain()
 
     async def close(self) -> None:
         self._writer.close()

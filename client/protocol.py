@@ -7,6 +7,7 @@ and follows the login (prompt, name, welcome or refusal) so the I/O layer only r
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 from chatwire.errors import LocalProtocolError
@@ -15,7 +16,6 @@ from chatwire.names import DEFAULT_ROOM
 from chatwire.texts import (
     PROMPT,
     QUIT_WORDS,
-    is_not_delivered,
     is_rooms_header,
     is_who_header,
     notice_line,
@@ -29,11 +29,19 @@ from chatwire.texts import (
 MAX_SERVER_LINE_BYTES = 2 * MAX_LINE_BYTES
 
 PROMPT_LINE = notice_line(PROMPT).decode().rstrip("\n")
-#: Commands the server answers later (through Redis), with what counts as their answer:
+#: Commands the server answers later (through Redis), and the kind of answer each gets:
 #: what a pipe waits for before it quits.
-_ANSWERED = frozenset({"/who", "/rooms", "/msg"})
-#: Error lines that answer one of those (the others answer nothing that was counted).
-_ANSWERING_ERRORS = ("no user named ", "usage: /msg", "the user list is", "the room list is")
+_ANSWERED = {"/who": "who", "/rooms": "rooms", "/msg": "pm"}
+#: Error lines that refuse a line, by how they start, and the kinds of line they refuse
+#: (the oldest line of those kinds still waiting is the one refused).
+_REFUSALS = (
+    ("line too long", ("long",)),
+    ("not delivered", ("msg", "pm")),
+    ("no user named ", ("pm",)),
+    ("usage: /msg", ("pm",)),
+    ("the user list is", ("who",)),
+    ("the room list is", ("rooms",)),
+)
 
 
 class Kind(enum.Enum):
@@ -74,16 +82,24 @@ def is_quit(line: str) -> bool:
     return bool(words) and (" ".join(words).lower() in QUIT_WORDS or words[0].lower() == "/quit")
 
 
-def expects_answer(line: str) -> bool:
-    """Whether the server will answer ``line`` later, through Redis (an echo of a message,
-    a list of users or rooms, a private message's echo) rather than at once: what a pipe
-    must wait for before quitting."""
+def answer_kind(line: str) -> str | None:
+    """What the server will answer ``line`` with, if a pipe must wait for it: "msg" (the
+    echo of a message), "who" or "rooms" (a list), "pm" (a private message's echo),
+    "long" (the refusal of an over-long line); None if nothing is owed."""
     word = strip_controls(line).strip()
-    if not word or len(line.encode()) > MAX_LINE_BYTES:
-        return False  # ignored, or refused at once: nothing comes through the room
+    if not word:
+        return None  # ignored
+    if len(line.encode()) > MAX_LINE_BYTES:
+        return "long"
     if word.startswith("/") and not word.startswith("//"):
-        return word.split(maxsplit=1)[0].lower() in _ANSWERED
-    return True
+        return _ANSWERED.get(word.split(maxsplit=1)[0].lower())
+    return "msg"
+
+
+def expects_answer(line: str) -> bool:
+    """Whether the server owes ``line`` an answer (an echo, a list, or a refusal) that a
+    pipe must wait for before quitting."""
+    return answer_kind(line) is not None
 
 
 def _one_line(line: str) -> str:
@@ -143,7 +159,7 @@ class State(enum.Enum):
 class ClientProtocol:
     """One connection's client-side protocol state."""
 
-    __slots__ = ("_lines", "_outbox", "_state", "answers_due", "name", "room")
+    __slots__ = ("_lines", "_outbox", "_owed", "_state", "name", "refused", "room")
 
     def __init__(self) -> None:
         self._lines = LineBuffer(MAX_SERVER_LINE_BYTES)
@@ -152,12 +168,23 @@ class ClientProtocol:
         self.name: str | None = None
         #: The room this user is in, as the server last said.
         self.room = DEFAULT_ROOM
-        #: Lines sent that the server will answer through the room, not yet answered.
-        self.answers_due = 0
+        #: Lines sent that the server owes an answer, oldest first: (kind, line).
+        self._owed: deque[tuple[str, str]] = deque()
+        #: Lines the server refused, with its reason, in the order refused.
+        self.refused: list[tuple[str, str]] = []
 
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def answers_due(self) -> int:
+        """Lines sent that the server has not answered yet."""
+        return len(self._owed)
+
+    def owed(self) -> list[str]:
+        """The lines sent that the server has not answered yet, oldest first."""
+        return [line for _, line in self._owed]
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the server; return the events they complete."""
@@ -188,8 +215,8 @@ class ClientProtocol:
         if self._state is not State.CHATTING:
             raise LocalProtocolError(f"cannot chat while {self._state.value}")
         line = _one_line(line)
-        if expects_answer(line):
-            self.answers_due += 1
+        if (kind := answer_kind(line)) is not None:
+            self._owed.append((kind, line))
         self._write(line)
 
     def data_to_send(self) -> bytes:
@@ -214,17 +241,32 @@ class ClientProtocol:
                 return Welcomed(self.name, online, line)
         if line.kind is Kind.NOTICE and (moved := parse_in_room(line.text)):
             self.room = moved[0]
-        if self._state is State.CHATTING and self.answers_due and self._answers(line):
-            self.answers_due -= 1
+        if self._state is State.CHATTING and self._owed:
+            self._settle(line)
         return Received(line)
 
-    def _answers(self, line: ServerLine) -> bool:
+    def _settle(self, line: ServerLine) -> None:
+        """Strike off the line that ``line`` answers, if it answers one."""
         match line.kind:
             case Kind.ERROR:
-                return is_not_delivered(line.text) or line.text.startswith(_ANSWERING_ERRORS)
-            case Kind.CHAT:
-                return line.name == self.name
-            case Kind.PRIVATE:
-                return line.to is not None and line.name == self.name
-            case Kind.NOTICE:
-                return is_who_header(line.text) or is_rooms_header(line.text)
+                for start, kinds in _REFUSALS:
+                    if line.text.startswith(start):
+                        if (owed := self._pop(kinds)) is not None:
+                            self.refused.append((owed, line.text))
+                        return
+            case Kind.CHAT if line.name == self.name:
+                self._pop(("msg",))
+            case Kind.PRIVATE if line.to is not None and line.name == self.name:
+                self._pop(("pm",))
+            case Kind.NOTICE if is_who_header(line.text):
+                self._pop(("who",))
+            case Kind.NOTICE if is_rooms_header(line.text):
+                self._pop(("rooms",))
+
+    def _pop(self, kinds: tuple[str, ...]) -> str | None:
+        """Remove and return the oldest owed line of one of ``kinds``."""
+        for index, (kind, line) in enumerate(self._owed):
+            if kind in kinds:
+                del self._owed[index]
+                return line
+        return None

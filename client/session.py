@@ -31,15 +31,20 @@ from client.protocol import (
     NameRefused as Refused,
 )
 
+#: Exit status of a session some of whose lines the server refused or never confirmed.
+EXIT_REFUSED = 4
 #: Backoff between reconnection attempts: full jitter over base * 2^n, capped, so that a
 #: room of clients whose gateway restarted does not come back as one thundering herd.
 BACKOFF_BASE, BACKOFF_CAP = 0.25, 10.0
 #: Seconds a reconnecting client keeps retrying a name still held by its ghost (a gateway
 #: that died holds its users' names until the cluster reaps it, which takes seconds).
 NAME_RETRY_WINDOW = 30.0
-#: Seconds a pipe waits for the room to answer its last lines before quitting anyway.
+#: Seconds a pipe waits, at the end of its input, for the server to answer one more of its
+#: lines before it gives up on the rest (they count as not confirmed).
 ANSWER_WAIT = 10.0
-#: Lines typed while disconnected that are kept to send after reconnecting.
+#: Lines read but not sent yet (while disconnected, or while the gateway paces us): past
+#: this, input is not read until some are sent, so nothing is dropped and memory stays
+#: bounded.
 MAX_PENDING_LINES = 1000
 
 
@@ -109,7 +114,11 @@ class ChatSession:
         self.interactive = interactive
         self.give_up_after = give_up_after
         self.backoff = backoff or Backoff()
-        self._pending: deque[str] = deque(maxlen=MAX_PENDING_LINES)
+        self._pending: deque[str] = deque()
+        self._room_for_input = asyncio.Event()
+        self._room_for_input.set()
+        #: Lines the server refused or never confirmed, with why: the exit status says so.
+        self.refused: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
         self._input_done = asyncio.Event()
         self._input_task: asyncio.Task[None] | None = None
@@ -129,10 +138,11 @@ class ChatSession:
                 finally:
                     await conn.close()
                 self._room = conn.protocol.room
+                self._account(conn, outcome)
                 if outcome is Outcome.QUIT:
-                    return 0
+                    break
                 conn = await self._reconnect()
-            return 0
+            return EXIT_REFUSED if self.refused else 0
         finally:
             if self._input_task is not None:
                 self._input_task.cancel()
@@ -163,6 +173,21 @@ class ChatSession:
             if sender is not None:
                 sender.cancel()
         return Outcome.QUIT if self._quitting else Outcome.LOST
+
+    def _account(self, conn: Connection, outcome: Outcome) -> None:
+        """Note, once a connection is over, the lines the server refused and those it never
+        answered (they may or may not have reached the room: we cannot tell). A person at
+        a terminal has seen each refusal as it came, and quits without waiting."""
+        if self.interactive:
+            return
+        why = (
+            "no answer before the connection ended"
+            if outcome is Outcome.LOST
+            else ("no answer from the server")
+        )
+        for line, reason in [*conn.protocol.refused, *((o, why) for o in conn.protocol.owed())]:
+            self.refused.append((line, reason))
+            self.ui.status(f"not delivered: {line[:80]!r}: {reason}")
 
     async def _send_name(self, conn: Connection) -> bool:
         if self._retry_name:
@@ -203,16 +228,20 @@ class ChatSession:
         """Send the user's lines; at end of input, quit once the room has answered."""
         loop = asyncio.get_running_loop()
         answers_deadline: float | None = None
+        last_due = -1
         while True:
             while self._pending and not self._quitting:
                 line = self._pending.popleft()
                 if is_quit(line):
                     self._quitting = True
                 conn.send_line(line)
+                self._room_for_input.set()
+                await conn.drain()  # the gateway paces fast senders: keep in step
             if self._input_done.is_set() and not self._quitting:
-                if answers_deadline is None:
-                    answers_deadline = loop.time() + ANSWER_WAIT
                 due = 0 if self.interactive else conn.protocol.answers_due
+                if due != last_due:  # progress: wait on as long as answers keep coming
+                    answers_deadline, last_due = loop.time() + ANSWER_WAIT, due
+                assert answers_deadline is not None
                 if due == 0 or loop.time() >= answers_deadline:
                     self._quitting = True
                     conn.send_line("/quit")
@@ -228,6 +257,9 @@ class ChatSession:
         while (line := await self.ui.read_input()) is not None:
             self._pending.append(line)
             self._wake.set()
+            if len(self._pending) >= MAX_PENDING_LINES:
+                self._room_for_input.clear()
+                await self._room_for_input.wait()
         self._input_done.set()
         self._wake.set()
 

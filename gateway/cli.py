@@ -130,7 +130,8 @@ async def serve(config: GatewayConfig) -> None:
     show_envvar=True,
     default=10.0,
     type=click.FloatRange(0),
-    help="Lines a second one client may send; more get '! slow down' (0: no limit).",
+    help="Lines a second taken in from one client; faster input waits its turn, in order, "
+    "and is never dropped (0: no limit).",
 )
 @click.option(
     "--rate-burst",
@@ -138,7 +139,7 @@ async def serve(config: GatewayConfig) -> None:
     show_envvar=True,
     default=20,
     type=click.IntRange(1),
-    help="Lines one client may send at once before the rate applies.",
+    help="Lines taken in from one client at once before the rate applies.",
 )
 @click.option(
     "--max-clients",

@@ -26,8 +26,9 @@ class GatewayConfig:
     #: Local members past which others' joins and leaves are summarised once a second
     #: instead of announced one by one (0: never): keeps join storms linear.
     notice_limit: int = 200
-    #: Lines a second one client may send (0: no limit), and how many it may send at once.
-    #: A person types far below 10 a second; 20 at once covers a pasted paragraph.
+    #: Lines a second taken in from one client (0: no limit), and how many at once. A
+    #: person types far below 10 a second; 20 at once covers a pasted paragraph. Faster
+    #: input is not dropped: it waits, unread, until the client's turn comes again.
     rate_limit: float = 10.0
     rate_burst: int = 20
     #: Connections this gateway accepts (0: no limit) and per client address (0: no limit).

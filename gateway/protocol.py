@@ -111,6 +111,7 @@ class ServerProtocol:
         "_outbox",
         "_proposed",
         "_state",
+        "lines_taken",
         "name",
         "room",
         "room_key",
@@ -123,6 +124,8 @@ class ServerProtocol:
         self._eof = False
         self._drained = False
         self._proposed: str | None = None
+        #: Lines taken from the input so far (what flood control charges for).
+        self.lines_taken = 0
         #: The accepted display name, once the claim succeeded.
         self.name: str | None = None
         #: The current room (display form) and its key: the default room from login on.
@@ -140,12 +143,19 @@ class ServerProtocol:
         if self._state is not State.CLOSED and not self._eof:
             self._lines.feed(data)
 
+    def has_input(self) -> bool:
+        """Whether input is waiting that :meth:`events_received` would take now."""
+        return self._state in _READING and (
+            self._lines.has_line() or (self._eof and not self._drained)
+        )
+
     def receive_eof(self) -> None:
         """The client will send nothing more; lines already sent are still honoured."""
         self._eof = True
 
-    def events_received(self) -> list[Event]:
-        """Parse buffered input into events, as far as the state allows.
+    def events_received(self, max_lines: int | None = None) -> list[Event]:
+        """Parse buffered input into events, as far as the state allows, taking at most
+        ``max_lines`` lines (the rest wait in the buffer: flood control paces them).
 
         While a name claim or a move is pending nothing is parsed: lines wait in the buffer,
         so a user's first message is never handled before the user exists, and a line typed
@@ -153,7 +163,8 @@ class ServerProtocol:
         meanwhile, so what waits is at most one read's worth.)
         """
         events: list[Event] = []
-        while self._state in _READING:
+        taken = 0
+        while self._state in _READING and (max_lines is None or taken < max_lines):
             item = self._lines.next_line()
             if item is None and self._eof and not self._drained:
                 self._drained = True
@@ -163,7 +174,9 @@ class ServerProtocol:
                     self._move("close")
                     events.append(PeerClosed())
                 break
+            taken += 1
             self._handle(item, events)
+        self.lines_taken += taken
         return events
 
     # -- decisions the gateway takes -----------------------------------------------------

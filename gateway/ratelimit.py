@@ -1,4 +1,4 @@
-"""Token buckets: how fast one client may send lines, and how much flooding is tolerated."""
+"""Token buckets: how fast one client's lines are taken in."""
 
 from __future__ import annotations
 
@@ -17,43 +17,33 @@ class TokenBucket:
         self._tokens = burst
         self._stamp = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one; False means "over the limit"."""
+    def _refill(self, now: float) -> None:
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        if self._tokens >= 1:
+
+    def available(self, now: float) -> int:
+        """Whole tokens there are at ``now``: lines that may be taken in at once."""
+        self._refill(now)
+        return int(self._tokens)
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled: the client has been within its rate a while."""
+        self._refill(now)
+        return self._tokens >= self.burst
+
+    def spend(self, n: int, now: float) -> None:
+        """Spend ``n`` tokens (at most what :meth:`available` said)."""
+        self._refill(now)
+        self._tokens -= n
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one; False means "over the limit"."""
+        if self.available(now) >= 1:
             self._tokens -= 1
             return True
         return False
 
-
-class FloodGuard:
-    """Per-client flood control: a line bucket, and a second bucket for dropped lines.
-
-    Lines beyond the rate are dropped (the client is told once per episode). A client that
-    keeps flooding far past the rate runs out of the second bucket and is disconnected:
-    it may exceed the rate by ``ABUSE_FACTOR`` bursts before refills catch up, so a fast
-    typist or a paste is merely throttled while a flooding script is cut within seconds.
-    """
-
-    ABUSE_FACTOR = 5
-
-    __slots__ = ("_dropped", "_lines", "throttled")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self._lines = TokenBucket(rate, burst, now)
-        self._dropped = TokenBucket(rate, burst * self.ABUSE_FACTOR, now)
-        #: True from a dropped line until the next accepted one.
-        self.throttled = False
-
-    def check(self, now: float) -> str:
-        """What to do with a line that arrives at ``now``: "ok" handle it; "slow" drop it
-        and tell the client (first drop of an episode); "drop" drop it silently; "abuse"
-        disconnect the client."""
-        if self._lines.take(now):
-            self.throttled = False
-            return "ok"
-        if not self._dropped.take(now):
-            return "abuse"
-        first, self.throttled = not self.throttled, True
-        return "slow" if first else "drop"
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until a whole token is there."""
+        self._refill(now)
+        return max(0.0, (1 - self._tokens) / self.rate)

@@ -15,7 +15,6 @@ from typing import Protocol, assert_never, cast
 
 from chatwire.commands import Request
 from chatwire.texts import (
-    FLOODING_TEXT,
     INTERNAL_ERROR_TEXT,
     NOT_DELIVERED_TEXT,
     kicked_text,
@@ -31,7 +30,7 @@ from gateway.protocol import (
     ServerProtocol,
     State,
 )
-from gateway.ratelimit import FloodGuard
+from gateway.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,14 @@ class Session(asyncio.Protocol):
     """One TCP client of the gateway."""
 
     __slots__ = (
+        "_bucket",
         "_closing",
-        "_guard",
         "_hub",
         "_limits",
+        "_pacing",
         "_paused",
         "_proto",
+        "_told_slow",
         "_transport",
         "_unpublished",
         "_waiting",
@@ -82,7 +83,10 @@ class Session(asyncio.Protocol):
         """``limits``: (lines a second, burst) allowed from this client; None: no limit."""
         self._hub = hub
         self._limits = limits
-        self._guard: FloodGuard | None = None  # made at the first line: idle clients pay nothing
+        self._bucket: TokenBucket | None = None  # made at the first line: idle clients pay nothing
+        #: Over its rate: input waits (unread, in the kernel) until this timer refills it.
+        self._pacing: asyncio.TimerHandle | None = None
+        self._told_slow = False
         self._proto = ServerProtocol()
         self._transport: asyncio.Transport | None = None
         self._unpublished = 0
@@ -140,6 +144,9 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._pacing is not None:
+            self._pacing.cancel()
+            self._pacing = None
         self._proto.close()
         self._hub.session_ended(self)
 
@@ -244,12 +251,24 @@ class Session(asyncio.Protocol):
 
     def _process(self) -> None:
         try:
-            # A refused /join hands the protocol back its input: parse on while it yields.
-            while not self._closing and (events := self._proto.events_received()):
+            # Parse on while lines come: a refused /join hands the protocol back its input.
+            while not self._closing and self._pacing is None:
+                budget = self._budget()
+                if budget == 0:
+                    if self._proto.has_input():
+                        self._slow_down()
+                    break
+                before = self._proto.lines_taken
+                events = self._proto.events_received(budget)
+                taken = self._proto.lines_taken - before
+                if self._bucket is not None and taken:
+                    self._bucket.spend(taken, time.monotonic())
                 for event in events:
                     self._dispatch(event)
                     if self._closing:
                         break
+                if not taken and not events:
+                    break
         except Exception:
             # Nothing raises into the event loop: log it, tell the client no details, close.
             log.exception("unexpected error handling input from %s (%s)", self.peer, self.id)
@@ -259,18 +278,41 @@ class Session(asyncio.Protocol):
         self._update_reading()
         self._flush()
 
+    def _budget(self) -> int | None:
+        """Lines that may be taken in now (None: no limit)."""
+        if self._limits is None:
+            return None
+        now = time.monotonic()
+        if self._bucket is None:
+            self._bucket = TokenBucket(*self._limits, now)
+        elif self._told_slow and self._bucket.full(now):
+            self._told_slow = False  # back within the rate: a next episode is told again
+        return self._bucket.available(now)
+
+    def _slow_down(self) -> None:
+        """Over the rate: read nothing more until a line's worth has refilled. What the
+        client sends meanwhile waits in its socket, in order: delayed, never dropped."""
+        assert self._bucket is not None and self._limits is not None
+        if not self._told_slow:
+            self._told_slow = True
+            self._proto.send_notice(slow_down_text(self._limits[0]))
+        self._pacing = asyncio.get_running_loop().call_later(
+            self._bucket.wait(time.monotonic()), self._paced
+        )
+
+    def _paced(self) -> None:
+        self._pacing = None
+        if not self.closed:
+            self._process()
+
     def _dispatch(self, event: Event) -> None:
         match event:
             case MessageReceived(text=text):
-                if self._allowed():
-                    self._unpublished += 1
-                    self._hub.publish(self, text)
+                self._unpublished += 1
+                self._hub.publish(self, text)
             case CommandRequested(request=request):
-                if self._allowed():
-                    self._waiting = self._proto.state is State.MOVING
-                    self._hub.command(self, request)
-                elif self._proto.state is State.MOVING:
-                    self._proto.move_failed()  # refused: flood control said why
+                self._waiting = self._proto.state is State.MOVING
+                self._hub.command(self, request)
             case NameRequested(name=name, key=key):
                 self._waiting = True
                 self._hub.login(self, name, key)
@@ -278,25 +320,6 @@ class Session(asyncio.Protocol):
                 self._closing = True
             case _:
                 assert_never(event)
-
-    def _allowed(self) -> bool:
-        """Flood control for one line: False drops it (and may close the connection)."""
-        if self._limits is None:
-            return True
-        now = time.monotonic()
-        if self._guard is None:
-            self._guard = FloodGuard(*self._limits, now)
-        verdict = self._guard.check(now)
-        if verdict == "ok":
-            return True
-        if verdict == "slow":
-            self._proto.send_error(slow_down_text(self._limits[0]))
-        elif verdict == "abuse":
-            log.warning("%s (%s) disconnected for flooding", self.name or self.peer, self.id)
-            self._proto.send_error(FLOODING_TEXT)
-            self._proto.close()
-            self._closing = True
-        return False
 
     def set_keepalive(self, idle: int, interval: int, count: int) -> None:
         """Have the kernel notice a client whose host vanished without closing."""
@@ -328,7 +351,7 @@ class Session(asyncio.Protocol):
             self._transport.close()
 
     def _update_reading(self) -> None:
-        pause = self._waiting or self._unpublished >= MAX_UNPUBLISHED
+        pause = self._waiting or self._pacing is not None or self._unpublished >= MAX_UNPUBLISHED
         if pause == self._paused or self._transport is None or self._transport.is_closing():
             return
         self._paused = pause

@@ -17,7 +17,9 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 T = float(os.environ.get("CHAT_TEST_TIMEOUT", "5"))
 
@@ -330,3 +332,30 @@ class TcpProxy:
     async def close(self) -> None:
         if self._server is not None:
             await self.cut()
+
+
+class Timers:
+    """Takes over the running loop's call_later: timers fire only when the test says so."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+        self.scheduled: list[tuple[float, Callable[[], Any], asyncio.TimerHandle]] = []
+
+        def call_later(delay: float, callback: Callable[[], Any], *args: Any) -> Any:
+            handle = real(3600, callback, *args)  # never fires within a test on its own
+            self.scheduled.append((delay, lambda: callback(*args), handle))
+            return handle
+
+        monkeypatch.setattr(loop, "call_later", call_later)
+
+    def pending(self) -> list[asyncio.TimerHandle]:
+        return [handle for _, _, handle in self.scheduled if not handle.cancelled()]
+
+    def fire(self) -> None:
+        """Run every timer scheduled and not cancelled, as if its time had come."""
+        due, self.scheduled = self.scheduled, []
+        for _, callback, handle in due:
+            if not handle.cancelled():
+                handle.cancel()
+                callback()

@@ -342,14 +342,11 @@ def test_welcome_like_notice_does_not_settle_a_who() -> None:
         "   ",
         "\t",
         "\x00\x07\x1b",
-        "x" * (MAX_LINE_BYTES + 1),
-        "é" * (MAX_LINE_BYTES // 2 + 1),
     ],
-    ids=["help", "unknown", "slash", "quit", "empty", "blank", "tab", "controls", "long",
-         "long-utf8"],
+    ids=["help", "unknown", "slash", "quit", "empty", "blank", "tab", "controls"],
 )  # fmt: skip
 def test_lines_the_room_does_not_answer_do_not_count(line: str) -> None:
-    """Commands answered at once, ignored lines and over-long lines are due nothing."""
+    """Commands answered at once and ignored lines are due nothing."""
     assert not expects_answer(line)
     proto = chatting()
     proto.send_line(line)
@@ -367,6 +364,32 @@ def test_messages_count(line: str) -> None:
     assert proto.answers_due == 1
 
 
+@pytest.mark.parametrize("line", ["x" * (MAX_LINE_BYTES + 1), "é" * (MAX_LINE_BYTES // 2 + 1)])
+def test_an_over_long_line_is_due_its_refusal(line: str) -> None:
+    """A line over the limit waits for the server's refusal, which names it as refused."""
+    proto = chatting("alice")
+    proto.send_line("fine")
+    proto.send_line(line)
+    assert proto.answers_due == 2
+    proto.receive_data(b"! line too long: at most 4096 bytes; it was not sent\n")
+    assert proto.answers_due == 1
+    assert proto.refused == [(line, "line too long: at most 4096 bytes; it was not sent")]
+    proto.receive_data(b"alice: fine\n")
+    assert proto.answers_due == 0 and len(proto.refused) == 1
+
+
+def test_refusals_name_the_oldest_line_of_their_kind() -> None:
+    """'not delivered' refuses the oldest unanswered message; an unknown /msg name the
+    oldest unanswered private message; the lists are answered apart."""
+    proto = chatting("alice")
+    for line in ("one", "/msg zed hi", "/who", "two"):
+        proto.send_line(line)
+    proto.receive_data(b"! no user named zed is online\n* 1 user online:\n")
+    proto.receive_data(b"! not delivered: the chat service is unavailable; try again\n")
+    assert proto.owed() == ["two"]
+    assert [line for line, _ in proto.refused] == ["/msg zed hi", "one"]
+
+
 def test_not_delivered_settles_one() -> None:
     """'! not delivered...' answers one message; other errors answer nothing."""
     proto = chatting("alice")
@@ -375,7 +398,7 @@ def test_not_delivered_settles_one() -> None:
     proto.receive_data(b"! unknown command /x; type /help for the list\n")
     assert proto.answers_due == 2
     proto.receive_data(b"! line too long: at most 4096 bytes; it was not sent\n")
-    assert proto.answers_due == 2
+    assert proto.answers_due == 2  # no over-long line was sent: it refuses none of these
     proto.receive_data(b"! not delivered: the chat service is unavailable; try again\n")
     assert proto.answers_due == 1
 
@@ -389,7 +412,8 @@ def test_not_delivered_settles_one() -> None:
 )  # fmt: skip
 def test_answers_due_agrees_with_the_gateway(line: str) -> None:
     """A line counts as due an answer exactly when the real gateway protocol, fed the bytes
-    the client sends for it, relays a message or lists the users."""
+    the client sends for it, relays it, serves a command for it, or refuses it as too
+    long."""
     client = chatting("alice")
     client.send_line(line)
     server = server_chatting("alice")
@@ -397,7 +421,8 @@ def test_answers_due_agrees_with_the_gateway(line: str) -> None:
     answered = any(
         isinstance(e, MessageReceived | CommandRequested) for e in server.events_received()
     )
-    assert client.answers_due == int(answered)
+    refused = b"! line too long" in server.data_to_send()
+    assert client.answers_due == int(answered or refused)
 
 
 # --- quit ---------------------------------------------------------------------------------

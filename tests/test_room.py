@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 
 from broker import Announcement, ChatMessage, UserJoined, UserLeft
@@ -21,6 +17,7 @@ from chatwire.texts import (
 )
 from gateway import rooms as rooms_module
 from gateway.rooms import Room, Rooms
+from tests.support import Timers
 
 
 class FakeMember:
@@ -42,33 +39,6 @@ class FakeMember:
     @property
     def output(self) -> bytes:
         return b"".join(self.written)
-
-
-class Timers:
-    """Takes over the running loop's call_later: timers fire only when the test says so."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        loop = asyncio.get_running_loop()
-        real = loop.call_later
-        self.scheduled: list[tuple[float, Callable[[], Any], asyncio.TimerHandle]] = []
-
-        def call_later(delay: float, callback: Callable[[], Any], *args: Any) -> Any:
-            handle = real(3600, callback, *args)  # never fires within a test on its own
-            self.scheduled.append((delay, lambda: callback(*args), handle))
-            return handle
-
-        monkeypatch.setattr(loop, "call_later", call_later)
-
-    def pending(self) -> list[asyncio.TimerHandle]:
-        return [handle for _, _, handle in self.scheduled if not handle.cancelled()]
-
-    def fire(self) -> None:
-        """Run every timer scheduled and not cancelled, as if its time had come."""
-        due, self.scheduled = self.scheduled, []
-        for _, callback, handle in due:
-            if not handle.cancelled():
-                handle.cancel()
-                callback()
 
 
 def joined(member: FakeMember, event_id: str, room: str = "") -> UserJoined:

@@ -12,7 +12,6 @@ from broker import ChatMessage, UserJoined, UserLeft
 from chatwire.commands import HELP, History, Join, PrivateMessage, Rooms, Who
 from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY
 from chatwire.texts import (
-    FLOODING_TEXT,
     INTERNAL_ERROR_TEXT,
     NOT_DELIVERED_TEXT,
     PROMPT,
@@ -28,6 +27,7 @@ from chatwire.texts import (
 )
 from gateway.rooms import Room
 from gateway.session import MAX_OUTGOING_BYTES, MAX_UNPUBLISHED, Session
+from tests.support import Timers
 
 PROMPT_LINE = notice_line(PROMPT)
 WELCOME = notice_line(welcome_text("alice", 1))
@@ -376,58 +376,121 @@ def test_published_false_writes_an_error_line() -> None:
     assert "close" not in transport.calls
 
 
-@pytest.mark.usefixtures("frozen_clock")
-def test_lines_over_the_rate_are_dropped_with_one_warning() -> None:
-    """Past the burst, lines are not published; the client is told once per episode."""
+class Clock:
+    """Flood control's clock, moved by the test; timers fire when the test says so."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr("gateway.session.time", SimpleNamespace(monotonic=lambda: self.now))
+        self.timers = Timers(monkeypatch)
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass: the bucket refills and the pacing timer fires."""
+        self.now += seconds
+        self.timers.fire()
+
+
+@pytest.fixture
+async def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    return Clock(monkeypatch)
+
+
+async def test_lines_over_the_rate_wait_their_turn(clock: Clock) -> None:
+    """Past the burst, lines are not dropped: reading pauses, and each line is taken in
+    when its token comes, in order; the client is told once."""
     session, transport, hub = logged_in(limits=(2, 2))
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
     session.data_received(b"one\ntwo\nthree\nfour\n")
     assert hub.texts() == ["one", "two"]
-    assert transport.output == error_line(slow_down_text(2))
+    assert transport.paused
+    assert transport.output == notice_line(slow_down_text(2))
+    assert [delay for delay, _, _ in clock.timers.scheduled] == [0.5]
+    clock.advance(0.5)
+    assert hub.texts() == ["one", "two", "three"]
+    assert transport.paused
+    clock.advance(0.5)
+    assert hub.texts() == ["one", "two", "three", "four"]
+    assert not transport.paused  # nothing waits: read on
+    assert transport.output == notice_line(slow_down_text(2))  # told once
     assert "close" not in transport.calls
 
 
-@pytest.mark.usefixtures("frozen_clock")
-def test_a_client_that_keeps_flooding_is_disconnected() -> None:
-    """Far past the rate (the abuse allowance spent), the client is told and closed."""
+async def test_a_flood_is_slowed_never_cut(clock: Clock) -> None:
+    """Many lines at once: none is dropped, the connection stays, and while they wait
+    nothing more is read from the client."""
     session, transport, hub = logged_in(limits=(1, 1))
-    # One line passes, then 5 (ABUSE_FACTOR * burst) are dropped, and the next is abuse.
-    session.data_received(b"".join(b"line %d\n" % i for i in range(6)))
-    assert "close" not in transport.calls
-    session.data_received(b"the last straw\nnot read\n")
-    assert hub.texts() == ["line 0"]
-    assert transport.output == error_line(slow_down_text(1)) + error_line(FLOODING_TEXT)
-    assert transport.calls[-1] == "close"
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
+    count = MAX_UNPUBLISHED - 1  # published() never comes here: stay under that bound
+    session.data_received(b"".join(b"line %d\n" % i for i in range(count)))
+    for n in range(1, count):
+        assert hub.texts()[-1] == f"line {n - 1}"
+        assert transport.paused
+        clock.advance(1.0)
+    assert hub.texts() == [f"line {i}" for i in range(count)]
+    assert "close" not in transport.calls and not transport.paused
 
 
-@pytest.mark.usefixtures("frozen_clock")
-def test_commands_count_against_the_rate_too() -> None:
-    """A command over the rate is dropped like a line: the hub never sees it."""
-    session, transport, hub = logged_in(limits=(1, 1))
+async def test_the_notice_comes_again_once_the_client_kept_within_its_rate(clock: Clock) -> None:
+    """A second episode of going over the rate, after the bucket refilled, is told again."""
+    session, transport, _ = logged_in(limits=(1, 1))
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
+    session.data_received(b"a\nb\n")
+    clock.advance(1.0)
+    clock.advance(5.0)  # quiet: the bucket is full again
+    session.data_received(b"c\nd\n")
+    assert transport.output.count(notice_line(slow_down_text(1))) == 2
+
+
+async def test_commands_are_paced_like_lines(clock: Clock) -> None:
+    """A command over the rate waits its turn like a message, then reaches the hub."""
+    session, _, hub = logged_in(limits=(1, 1))
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
     session.data_received(b"hello\n/who\n")
     assert hub.named("command") == []
-    assert transport.output == error_line(slow_down_text(1))
+    clock.advance(1.0)
+    assert [call[2] for call in hub.named("command")] == [Who()]
 
 
-@pytest.mark.usefixtures("frozen_clock")
-def test_a_join_refused_by_flood_control_leaves_the_room_unchanged() -> None:
-    """A /join over the rate is not asked of the hub; the user stays put and reading goes on."""
+async def test_a_join_over_the_rate_is_delayed_and_what_follows_waits_for_it(
+    clock: Clock,
+) -> None:
+    """A /join over the rate is asked of the hub when its turn comes; the line after it
+    waits for the move, then for its own turn, and goes to the new room."""
     session, transport, hub = logged_in(limits=(1, 1))
-    session.data_received(b"hello\n/join #math\n")
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
+    session.data_received(b"hello\n/join #math\nin math\n")
     assert hub.named("command") == []
-    assert session.room_key == DEFAULT_ROOM_KEY
-    assert not transport.paused
-    assert transport.output == error_line(slow_down_text(1))
-    session.data_received(b"/help\n")  # the protocol reads commands again
-    assert transport.output.endswith(notice_line(HELP[-1]))
+    clock.advance(1.0)
+    assert [call[2] for call in hub.named("command")] == [Join("#math", "#math")]
+    assert transport.paused  # moving
+    session.moved("#math", "#math", 2)
+    session.resume()
+    clock.advance(1.0)
+    assert hub.texts() == ["hello", "in math"]
+    assert session.room_key == "#math"
 
 
-@pytest.mark.usefixtures("frozen_clock")
-def test_lines_behind_a_join_refused_by_flood_control_are_handled_at_once() -> None:
-    """A ``sair`` sent right after a /join that flood control refused still says goodbye."""
-    session, transport, _ = logged_in(limits=(1, 1))
-    session.data_received(b"hello\n/join #math\nsair\n")
+async def test_quit_behind_paced_lines_still_says_goodbye(clock: Clock) -> None:
+    """A ``sair`` sent behind lines over the rate is taken in its turn, and answered."""
+    session, transport, hub = logged_in(limits=(1, 1))
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
+    session.data_received(b"hello\nagain\nsair\n")
+    assert "close" not in transport.calls
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert hub.texts() == ["hello", "again"]
     assert transport.output.endswith(notice_line(goodbye_text("alice")))
     assert transport.calls[-1] == "close"
+
+
+async def test_a_closed_connection_stops_pacing(clock: Clock) -> None:
+    """connection_lost cancels the pacing timer: nothing is taken in afterwards."""
+    session, _, hub = logged_in(limits=(1, 1))
+    clock.advance(10.0)  # the name line\'s token is back: the burst is whole
+    session.data_received(b"a\nb\n")
+    session.connection_lost(None)
+    assert clock.timers.pending() == []
+    assert hub.texts() == ["a"]
 
 
 # -- commands ------------------------------------------------------------------------------
