@@ -111,7 +111,8 @@ class Stack:
 
     async def lb_servers_up(self, count: int) -> None:
         """Wait until HAProxy has ``count`` gateways up, following its health-check log."""
-        pattern = re.compile(r"Server gateways/(gw\d+)\b.* is (UP|DOWN)")
+        # Health-check verdicts only, not DNS news ("is UP/READY (resolves again)").
+        pattern = re.compile(r"Server gateways/(gw\d+) is (UP|DOWN),")
         async with asyncio.timeout(WAIT):
             while True:
                 state: dict[str, str] = {}
