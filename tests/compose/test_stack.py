@@ -110,17 +110,20 @@ class Stack:
         return parse_who(out)
 
     async def lb_servers_up(self, count: int) -> None:
-        """Wait until HAProxy has ``count`` gateways up, following its health-check log."""
-        # Health-check verdicts only, not DNS news ("is UP/READY (resolves again)").
-        pattern = re.compile(r"Server gateways/(gw\d+) is (UP|DOWN),")
-        async with asyncio.timeout(WAIT):
-            while True:
-                state: dict[str, str] = {}
-                for m in pattern.finditer(await self.docker("compose", "logs", "--no-color", "lb")):
-                    state[m.group(1)] = m.group(2)
-                if sum(s == "UP" for s in state.values()) >= count:
-                    return
-                await asyncio.sleep(0.5)
+        """Wait until HAProxy has ``count`` gateways up, following its log: a server filled
+        in by DNS is up ("is UP/READY") until a check says otherwise ("is DOWN")."""
+        pattern = re.compile(r"Server gateways/(gw\d+) (?:\('[^']*'\) )?is (?:going )?(UP|DOWN)")
+        log = ""
+        try:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    log = await self.docker("compose", "logs", "--no-color", "lb")
+                    state = {m.group(1): m.group(2) for m in pattern.finditer(log)}
+                    if sum(s == "UP" for s in state.values()) >= count:
+                        return
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise AssertionError(f"HAProxy has not {count} gateways up:\n{log}") from None
 
     async def leftovers(self) -> dict[str, list[str]]:
         """The project's containers, networks and volumes that still exist."""
