@@ -3,13 +3,109 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import struct
 from dataclasses import dataclass
+from pathlib import Path
+
+#: Docker's embedded DNS server, which every container on a user-defined network (Compose
+#: always makes one) finds in its /etc/resolv.conf. It answers a reverse lookup of a
+#: container's address with the container's name.
+DOCKER_DNS = "127.0.0.11"
+#: Seconds to wait for its answer; it is in the container's own network namespace.
+DOCKER_DNS_TIMEOUT = 0.5
+#: Bytes of a DNS answer read at most (the classic UDP limit; a PTR answer is ~100).
+MAX_DNS_REPLY = 512
+_PTR, _IN = 12, 1
 
 
-def default_gateway_id() -> str:
-    """Host name and process id: unique per process on a host, and per container."""
+def default_gateway_id(resolv_conf: Path = Path("/etc/resolv.conf")) -> str:
+    """The container's name in a Docker container (``chat-service-gateway-2``, as `docker
+    ps` shows it and `docker stop` takes it); elsewhere host name and process id. Either is
+    unique per process on a host and per container."""
+    if DOCKER_DNS in _nameservers(resolv_conf):
+        try:
+            address = socket.gethostbyname(socket.gethostname())
+            name = reverse_lookup(address, (DOCKER_DNS, 53))
+        except (OSError, ValueError):
+            name = None
+        if name:
+            return name
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _nameservers(resolv_conf: Path) -> list[str]:
+    try:
+        lines = resolv_conf.read_text().splitlines()
+    except OSError:
+        return []
+    return [f[1] for f in (line.split() for line in lines) if len(f) > 1 and f[0] == "nameserver"]
+
+
+def reverse_lookup(
+    address: str, server: tuple[str, int], timeout: float = DOCKER_DNS_TIMEOUT
+) -> str | None:
+    """The first label of the name ``server`` gives IPv4 ``address`` (a PTR query over
+    UDP), or None if it has none. Asked of the DNS server directly: the C library's lookup
+    would answer from /etc/hosts, where Docker maps the address to the container's id.
+    Raises OSError if the server does not answer, ValueError if the answer is malformed."""
+    query_id = secrets.randbelow(1 << 16)
+    qname = b"".join(
+        bytes([len(label)]) + label
+        for label in [*reversed(address.encode().split(b".")), b"in-addr", b"arpa"]
+    )
+    question = qname + b"\0" + struct.pack("!HH", _PTR, _IN)
+    query = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(server)
+        sock.send(query)
+        reply = sock.recv(MAX_DNS_REPLY)
+    if len(reply) < 12:
+        raise ValueError("short DNS reply")
+    reply_id, flags, _qd, answers, _ns, _ar = struct.unpack("!HHHHHH", reply[:12])
+    if reply_id != query_id or not flags & 0x8000:
+        raise ValueError("not the answer to our query")
+    if flags & 0x000F or not reply[12:].startswith(question):
+        return None  # NXDOMAIN or another error: no name for this address
+    offset = 12 + len(question)
+    for _ in range(answers):
+        offset = _skip_name(reply, offset)
+        rtype, _rclass, _ttl, length = struct.unpack("!HHIH", reply[offset : offset + 10])
+        offset += 10
+        if rtype == _PTR:
+            return _first_label(reply, offset) or None
+        offset += length
+    return None
+
+
+def _skip_name(message: bytes, offset: int) -> int:
+    """The offset just past the (possibly compressed) name at ``offset``."""
+    while True:
+        if offset >= len(message):
+            raise ValueError("truncated name")
+        length = message[offset]
+        if length >= 0xC0:
+            return offset + 2
+        offset += 1 + length
+        if length == 0:
+            return offset
+
+
+def _first_label(message: bytes, offset: int) -> str:
+    """The first label of the (possibly compressed) name at ``offset``."""
+    for _ in range(16):  # pointers chained this deep are malformed
+        if offset >= len(message):
+            raise ValueError("truncated name")
+        length = message[offset]
+        if length < 0xC0:
+            label = message[offset + 1 : offset + 1 + length]
+            if len(label) != length:
+                raise ValueError("truncated name")
+            return label.decode("ascii", errors="replace")
+        offset = ((length & 0x3F) << 8) | message[offset + 1]
+    raise ValueError("name pointer loop")
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,14 +54,25 @@ def compose_environment(service: dict[str, Any]) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in env.items()}
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def compose_defaults(text: str) -> str:
+    """``text`` as Compose interpolates it with none of its variables set: ``${VAR:-x}`` and
+    ``${VAR-x}`` become ``x``, ``${VAR}`` becomes empty."""
+    return _VARIABLE.sub(lambda m: m.group(2) or "", text)
+
+
 def published_ports(service: dict[str, Any]) -> list[tuple[str, str]]:
-    """(host port, container port) for each of a service's ``ports``, short or long form."""
+    """(host port, container port) for each of a service's ``ports``, short or long form,
+    with variables at their defaults."""
     result = []
     for port in service.get("ports", []):
         if isinstance(port, dict):
-            result.append((str(port.get("published", "")), str(port["target"])))
+            published = compose_defaults(str(port.get("published", "")))
+            result.append((published, compose_defaults(str(port["target"]))))
         else:
-            fields = str(port).split("/")[0].split(":")
+            fields = compose_defaults(str(port)).split("/")[0].split(":")
             result.append((fields[-2] if len(fields) > 1 else "", fields[-1]))
     return result
 
@@ -151,19 +162,22 @@ def loopback_haproxy_config(
     ``servers`` are (chat port, health port) pairs. Only what cannot work outside Docker
     changes; mode, balance, timeouts, retries and the health check stay as they are:
 
-    * the frontend binds ``127.0.0.1:frontend_port`` instead of every address;
+    * the chat frontend binds ``127.0.0.1:frontend_port`` instead of every address, and
+      the load balancer's own health frontend (``monitor``, for Docker) goes;
     * the DNS-filled ``server-template`` becomes one ``server`` per gateway with the same
       parameters, minus the DNS ones (resolvers, resolve-*, init-addr), checking each
       gateway's own health port; the ``resolvers`` section goes;
     * checks run every ``check_inter`` so a test sees state changes quickly;
-    * the global ``maxconn`` shrinks to fit a host's descriptor limit (the container gets a
-      generous one from docker-compose.yml; a CI runner may not).
+    * a global ``maxconn`` of 1000: HAProxy would otherwise size itself from this host's
+      descriptor limit (the container gets 65536 from docker-compose.yml).
     """
-    text = _substitute(r"^resolvers \S+\n(?:[ \t]+.*\n|[ \t]*\n)*", "", text, "resolvers section")
+    section = r"(?:[ \t]+.*\n|[ \t]*\n)*"
+    text = _substitute(rf"^resolvers \S+\n{section}", "", text, "resolvers section")
+    text = _substitute(rf"^frontend monitor\n{section}", "", text, "monitor frontend")
     text = _substitute(
         r"^([ \t]+bind[ \t]+)\S*:\d+", rf"\g<1>127.0.0.1:{frontend_port}", text, "bind line"
     )
-    text = _substitute(r"^([ \t]+maxconn[ \t]+)\d+", r"\g<1>1000", text, "maxconn line")
+    text = _substitute(r"^global\n", "global\n    maxconn 1000\n", text, "global section")
     text = _substitute(
         r"^([ \t]+default-server\b.*\binter[ \t]+)\S+",
         rf"\g<1>{check_inter}",

@@ -108,15 +108,46 @@ def test_compose_gateway_scales_behind_the_balancer() -> None:
 
 
 def test_compose_lb_is_the_one_published_port() -> None:
-    """Only the load balancer publishes a port, 5555, with deploy/haproxy.cfg mounted
-    read-only where the official image reads it."""
+    """Only the load balancer publishes a port, 5555 unless CHAT_PORT says otherwise, with
+    deploy/haproxy.cfg mounted read-only where the official image reads it."""
     services = compose()["services"]
     lb = services["lb"]
     assert re.fullmatch(r"haproxy:\d+\.\d+.*", lb["image"]), lb["image"]
     assert published_ports(lb) == [("5555", "5555")]
+    assert lb["ports"] == ["${CHAT_PORT:-5555}:5555"]
     assert [name for name, s in services.items() if "ports" in s] == ["lb"]
     assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
     assert "gateway" in lb["depends_on"]
+
+
+def test_compose_lb_is_healthy_only_while_haproxy_serves() -> None:
+    """The lb container's health check asks HAProxy's own monitor frontend (so `docker
+    compose up --wait` fails when HAProxy cannot start), which fails while no gateway is up;
+    nothing else probes it, and it is not published."""
+    lb = compose()["services"]["lb"]
+    test = lb["healthcheck"]["test"]
+    assert test[0] == "CMD", test
+    cfg = HAPROXY_CFG.read_text()
+    monitor = re.search(r"^frontend monitor\n((?:[ \t]+.*\n)+)", cfg, flags=re.MULTILINE)
+    assert monitor is not None, "deploy/haproxy.cfg has no `frontend monitor`"
+    body = monitor.group(1)
+    port = re.search(r"^[ \t]+bind[ \t]+:(\d+)$", body, flags=re.MULTILINE)
+    uri = re.search(r"^[ \t]+monitor-uri[ \t]+(\S+)$", body, flags=re.MULTILINE)
+    assert port is not None and uri is not None, body
+    assert f"/dev/tcp/127.0.0.1/{port.group(1)}" in test[-1]
+    assert f"GET {uri.group(1)} " in test[-1]
+    assert re.search(r"monitor fail if \{ nbsrv\(gateways\) lt 1 \}", body), body
+    assert published_ports(lb) == [("5555", "5555")]
+    # `bash -c`: /dev/tcp is bash's; `$` would be Compose's interpolation.
+    assert test[1:3] == ["bash", "-c"] and "$" not in test[-1]
+
+
+def test_compose_names_its_project_and_lets_gateways_name_themselves() -> None:
+    """A fixed project name gives containers the names README.md's `docker stop` uses, and
+    no CHAT_GATEWAY_ID is set, so that each gateway takes its container's name as its id."""
+    services = compose()["services"]
+    assert compose()["name"] == "chat-service"
+    assert "CHAT_GATEWAY_ID" not in compose_environment(services["gateway"])
 
 
 def test_compose_admin_runs_on_demand_with_the_gateway_image() -> None:
@@ -213,12 +244,25 @@ def test_dockerfile_runs_the_gateway_as_non_root_with_a_health_check() -> None:
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
-    """The virtual environment, git history and tool caches never reach the builder."""
+    """The virtual environment, git history, tool caches, tests, CI, benchmarks and
+    deployment files never reach the builder, which copies the whole context."""
     patterns = {
         line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()[:1] != "#"
     }
     assert {".venv", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cache"} <= patterns
     assert "**/__pycache__" in patterns
+    assert {"tests", ".ci", "bench", "deploy"} <= patterns
+    assert "!README.md" in patterns  # pyproject.toml's `readme`
+
+
+def test_dockerfile_builds_from_its_base_image_alone_and_any_package() -> None:
+    """No `# syntax=` directive (it would pull a frontend image from a registry first), and
+    the builder copies the source tree as a whole: a new top-level package needs no edit."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.IGNORECASE | re.MULTILINE)
+    builder = dockerfile_stages(text)[0]
+    copies = [i.words() for i in builder if i.keyword == "COPY"]
+    assert [".", "."] in copies, copies
 
 
 # ---- deploy/haproxy.cfg -----------------------------------------------------------------
@@ -265,6 +309,21 @@ def test_haproxy_cfg_suits_long_lived_chat_connections() -> None:
     assert not any("shutdown-sessions" in line for line in settings)
     # The end-to-end tests follow HAProxy through these log lines.
     assert {"option tcplog", "option log-health-checks"} <= set(settings)
+
+
+def test_haproxy_cfg_gives_up_fast_on_a_vanished_gateway() -> None:
+    """A stopped gateway's address answers nothing: each try there costs `timeout connect`
+    before a retry goes elsewhere, and a moved user may meet up to three such addresses on a
+    scale-down (three retries), within a 2-second budget that also holds the client's
+    backoff. The first failure takes the server out (`observe layer4`); the connection
+    is retried on another gateway (tests/compose measures the whole gap: under 2 s)."""
+    lines = [line.split("#", 1)[0].strip() for line in HAPROXY_CFG.read_text().splitlines()]
+    settings = [line for line in lines if line]
+    timeouts = dict(line.split()[1:3] for line in settings if line.startswith("timeout "))
+    assert haproxy_seconds(timeouts["connect"]) <= 0.25
+    (default_server,) = [line for line in settings if line.startswith("default-server ")]
+    assert "observe layer4 error-limit 1 on-error mark-down" in default_server
+    assert "retries 3" in settings and "option redispatch 1" in settings
 
 
 # ---- HAProxy in front of real gateways --------------------------------------------------
