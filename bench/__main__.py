@@ -13,7 +13,7 @@ import click
 
 from bench import scenarios
 from bench.load import LoginFailed
-from bench.procs import Cluster
+from bench.procs import Cluster, rss_bytes
 
 
 def _loop_runner() -> tuple[Callable[[Coroutine[Any, Any, Any]], Any], str]:
@@ -49,7 +49,9 @@ def _print_runs(runs: list[scenarios.Run]) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("workload", type=click.Choice(["fixed", "saturation", "idle", "rooms", "all"]))
+@click.argument(
+    "workload", type=click.Choice(["fixed", "saturation", "idle", "rooms", "flood", "all"])
+)
 @click.option("--gateways", default=3, help="Gateways to start (with their own Redis).")
 @click.option("--clients", default=None, type=int, help="Clients (fixed: 300, saturation: 100).")
 @click.option("--senders", default=None, type=int, help="Senders (fixed: 30, saturation: 10).")
@@ -102,6 +104,33 @@ def main(
             results["saturation"] = {
                 "steps": [r.as_dict() for r in runs],
                 "sustainable_deliveries_per_s": sustained,
+            }
+        if workload in ("flood", "all"):
+            # Flood control on (at twice the senders' rate), the fixed load with and
+            # without one client flooding the first gateway.
+            flags = ("--rate-limit", str(2 * rate), "--rate-burst", str(int(4 * rate)))
+            runs = []
+            rss = []
+            for flooded in (False, True):
+                cluster = Cluster.start(gateways, flags=flags)
+                try:
+                    pid = cluster.pids["gateway 1"]
+                    before = rss_bytes(pid)
+                    runs.append(await scenarios.fixed(
+                        cluster, clients or 300, senders or 30, rate, duration, flooded,
+                    ))  # fmt: skip
+                    rss.append(rss_bytes(pid) - before)
+                finally:
+                    cluster.stop()
+            click.echo("\nfixed load, without and with a flooder on gateway 1")
+            _print_runs(runs)
+            click.echo(
+                f"{'':<9}gateway 1 RSS growth: {rss[0] / 2**10:.0f} KiB without, "
+                f"{rss[1] / 2**10:.0f} KiB with the flooder"
+            )
+            results["flood"] = {
+                "runs": [r.as_dict() for r in runs],
+                "gateway_1_rss_growth_bytes": rss,
             }
         if workload in ("rooms", "all"):
             cluster = Cluster.start(gateways)

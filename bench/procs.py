@@ -63,7 +63,9 @@ class Cluster:
     _dir: str = ""
 
     @classmethod
-    def start(cls, count: int, timeout: float = 30.0) -> Cluster:
+    def start(cls, count: int, timeout: float = 30.0, flags: tuple[str, ...] = ()) -> Cluster:
+        """``count`` gateways on a new redis-server, with :data:`LOAD_FLAGS` then ``flags``
+        (a later flag overrides an earlier one)."""
         redis = shutil.which("redis-server")
         if redis is None:
             raise SystemExit("bench: redis-server is not installed (apt-get install redis-server)")
@@ -86,7 +88,7 @@ class Cluster:
             gw = subprocess.Popen(
                 [str(BIN / "chat-gateway"), "--host", "127.0.0.1", "--port", str(gport),
                  "--redis-url", url, "--gateway-id", f"bench-{n + 1}",
-                 "--health-port", str(hport), *LOAD_FLAGS],
+                 "--health-port", str(hport), *LOAD_FLAGS, *flags],
                 stdout=subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
             cluster._procs.append(gw)

@@ -116,18 +116,48 @@ async def _one_room(
     return await _measure(name, cluster, len(clients), len(pacer.clients), offered, stats, send)
 
 
-async def fixed(cluster: Cluster, clients: int, senders: int, rate: float, duration: float) -> Run:
-    """N clients, S senders x R messages/s for D seconds."""
+async def fixed(
+    cluster: Cluster,
+    clients: int,
+    senders: int,
+    rate: float,
+    duration: float,
+    flooder: bool = False,
+) -> Run:
+    """N clients, S senders x R messages/s for D seconds; with ``flooder``, one more
+    client on the first gateway writes lines as fast as the gateway takes them meanwhile
+    (in a room of its own, so that the figures are the others')."""
     stats = Stats()
     pool = await connect_all(cluster.gateways, clients, stats, senders, "f")
+    flood: list[LoadClient] = []
+    if flooder:
+        flood = await connect_all(cluster.gateways[:1], 1, Stats(), 1, "flood", room="#flood")
     try:
         await asyncio.sleep(0.5)  # let the join notices of the last logins pass
         pacer = Senders(pool[:senders])
-        return await _one_room("fixed", cluster, pool, pacer, stats, rate, duration)
+        task = asyncio.create_task(_flood(flood[0])) if flood else None
+        try:
+            return await _one_room(
+                "flooded" if flood else "fixed", cluster, pool, pacer, stats, rate, duration
+            )
+        finally:
+            if task is not None:
+                task.cancel()
     finally:
-        for client in pool:
+        for client in pool + flood:
             if client.transport is not None:
                 client.transport.close()
+
+
+async def _flood(client: LoadClient) -> None:
+    """Write lines as fast as the gateway takes them (it paces us by not reading)."""
+    transport = client.transport
+    assert transport is not None
+    line = b"0:0:0\n" * 64  # parsed like any message by its own client, then ignored
+    while True:
+        if transport.get_write_buffer_size() < 1 << 16:
+            transport.write(line)
+        await asyncio.sleep(0.001)
 
 
 async def saturation(

@@ -35,6 +35,8 @@ class Liveness:
         self.last_renewal = 0.0
         #: Name key -> Unix time of its latest message, flushed to Redis once per heartbeat.
         self.activity: dict[str, float] = {}
+        #: What the last recovery found: Redis had lost its data.
+        self._lost_data = False
 
     async def run(self) -> None:
         """Renew this gateway's liveness; reap peers whose liveness expired."""
@@ -66,14 +68,24 @@ class Liveness:
     async def recover(self) -> None:
         """Our registration vanished (we were reaped, or Redis lost its data): register
         again and restore our users' presence and rooms; users whose name was taken
-        meanwhile are disconnected."""
+        meanwhile are disconnected.
+
+        It runs in the publisher's worker: the releases queued before it run first, while
+        we are unregistered (those whose user Redis forgot wait, undecided, for its
+        verdict), and none can run between its steps and find a user half restored."""
+        await self._gateway.publisher.exclusive(self._restore)
+        if self._lost_data:
+            # Users who left while Redis was away were never announced: their presence
+            # went with Redis's data, so no release could find it.
+            owed = self._gateway.publisher.force_pending_releases()
+            log.info("Redis lost its data: announcing %d leave(s) from the outage", owed)
+            await self._gateway.publisher.drain()  # failures among them go with the next retry
+
+    async def _restore(self) -> None:
         gw = self._gateway
         broker = gw.broker
         users = [s for s in gw.sessions() if s.joined and not s.closed]
         log.warning("registration lost; registering again and restoring %d user(s)", len(users))
-        # Releases already queued run first, while we are unregistered: those whose user
-        # Redis forgot wait, undecided, for the verdict below.
-        await gw.publisher.drain()
         epoch = await broker.epoch()
         lost_data = epoch != self.epoch
         now = time.time()
@@ -97,14 +109,9 @@ class Liveness:
             await broker.enter(room, shown[room], members)
         # Only now: if this attempt failed, the next one must reach the same verdict.
         self.epoch = epoch
+        self._lost_data = lost_data
         for session in users:
             if session.key in refused:
                 session.joined = False
                 session.error(NAME_LOST_TEXT)
                 session.close()
-        if lost_data:
-            # Users who left while Redis was away were never announced: their presence
-            # went with Redis's data, so no release could find it.
-            owed = gw.publisher.force_pending_releases()
-            log.info("Redis lost its data: announcing %d leave(s) from the outage", owed)
-            await gw.publisher.drain()  # failures among them go with the next retry

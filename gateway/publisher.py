@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,7 +65,18 @@ class _Barrier:
     )
 
 
-_Item = _Message | _Release | _Barrier
+@dataclass(slots=True)
+class _Exclusive:
+    """A step run by the worker itself, once everything queued before it is handled and
+    before anything queued after it."""
+
+    step: Callable[[], Awaitable[None]]
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+_Item = _Message | _Release | _Barrier | _Exclusive
 
 
 class Publisher:
@@ -98,6 +110,13 @@ class Publisher:
         barrier = _Barrier()
         self._push(barrier)
         await barrier.done
+
+    async def exclusive(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` with nothing else going to Redis from here meanwhile (a recovery:
+        no release may slip in between its steps). Its exception, if any, is raised here."""
+        item = _Exclusive(step)
+        self._push(item)
+        await item.done
 
     def retry_releases(self) -> None:
         """Queue again the releases that failed earlier."""
@@ -135,8 +154,21 @@ class Publisher:
             self._queue.popleft()
             if isinstance(head, _Release):
                 await self._release(head)
+            elif isinstance(head, _Exclusive):
+                await self._run_exclusive(head)
             elif not head.done.done():
                 head.done.set_result(None)
+
+    @staticmethod
+    async def _run_exclusive(item: _Exclusive) -> None:
+        try:
+            await item.step()
+        except Exception as exc:  # the caller gets it
+            if not item.done.done():
+                item.done.set_exception(exc)
+            return
+        if not item.done.done():
+            item.done.set_result(None)
 
     def _push(self, item: _Item) -> None:
         self._queue.append(item)
