@@ -408,7 +408,9 @@ class Gateway:
             # The claim (or the join) may have gone through with only its reply lost: give
             # back whatever it may hold; a join seen by others is followed by its leave.
             log.warning("cannot log %s in: %s", name, exc)
-            self._abandon_login(session, name, key, owed=False)
+            # A leave is owed if the cluster saw the join (its event reached us).
+            seen = admitted.done() and not admitted.cancelled()
+            self._abandon_login(session, name, key, owed=seen)
             session.reject(UNAVAILABLE_TEXT)
             return
         if not claim.accepted:
