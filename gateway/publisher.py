@@ -183,8 +183,8 @@ class Publisher:
             assert isinstance(message, _Message)
             by_room.setdefault(message.room, []).append(message)
             taken += 1
-        # Rooms are independent: their batches go out side by side, each in its own order.
-        await asyncio.gather(*(self._publish_room(room, batch) for room, batch in by_room.items()))
+        for room, batch in by_room.items():
+            await self._publish_room(room, batch)
 
     async def _publish_room(self, room: str, batch: list[_Message]) -> None:
         delivered = False
