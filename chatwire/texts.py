@@ -150,6 +150,11 @@ def parse_in_room(text: str) -> tuple[str, int] | None:
     return (m["room"], int(m["count"])) if m else None
 
 
+def slow_down_text(rate: float) -> str:
+    """The notice a client gets when it sends faster than its rate: nothing is lost."""
+    return f"Slow down: at most {rate:g} lines a second; your next lines follow at that pace."
+
+
 def already_in_text(room: str) -> str:
     return f"You are already in {room}."
 
@@ -218,11 +223,6 @@ def summary_text(names: list[str], what: str, shown: int = 5) -> str:
 
 
 # --- errors ---------------------------------------------------------------------------------
-
-
-def slow_down_text(rate: float) -> str:
-    """The notice a client gets when it sends faster than its rate: nothing is lost."""
-    return f"Slow down: at most {rate:g} lines a second; your next lines follow at that pace."
 
 
 def name_taken_text(name: str) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: Slack for floating-point sums: a token due "now" by the clock's arithmetic is there.
+_EPSILON = 1e-9
+
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; a line costs one token.
@@ -24,26 +27,19 @@ class TokenBucket:
     def available(self, now: float) -> int:
         """Whole tokens there are at ``now``: lines that may be taken in at once."""
         self._refill(now)
-        return int(self._tokens)
+        return int(self._tokens + _EPSILON)
 
     def full(self, now: float) -> bool:
         """Whether the bucket has refilled: the client has been within its rate a while."""
         self._refill(now)
-        return self._tokens >= self.burst
+        return self._tokens + _EPSILON >= self.burst
 
     def spend(self, n: int, now: float) -> None:
         """Spend ``n`` tokens (at most what :meth:`available` said)."""
         self._refill(now)
         self._tokens -= n
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one; False means "over the limit"."""
-        if self.available(now) >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
     def wait(self, now: float) -> float:
         """Seconds from ``now`` until a whole token is there."""
         self._refill(now)
-        return max(0.0, (1 - self._tokens) / self.rate)
+        return max(0.0, (1 - self._tokens - _EPSILON) / self.rate)

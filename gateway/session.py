@@ -251,7 +251,8 @@ class Session(asyncio.Protocol):
 
     def _process(self) -> None:
         try:
-            # Parse on while lines come: a refused /join hands the protocol back its input.
+            # Take lines in as far as the budget goes; a /join or a claim stops the loop
+            # until it is settled (resume), flood control until a token is due (_paced).
             while not self._closing and self._pacing is None:
                 budget = self._budget()
                 if budget == 0:

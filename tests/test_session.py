@@ -404,7 +404,7 @@ async def test_lines_over_the_rate_wait_their_turn(clock: Clock) -> None:
     assert hub.texts() == ["one", "two"]
     assert transport.paused
     assert transport.output == notice_line(slow_down_text(2))
-    assert [delay for delay, _, _ in clock.timers.scheduled] == [0.5]
+    assert [delay for delay, _, _ in clock.timers.scheduled] == [pytest.approx(0.5)]
     clock.advance(0.5)
     assert hub.texts() == ["one", "two", "three"]
     assert transport.paused
