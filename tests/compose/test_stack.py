@@ -137,12 +137,14 @@ class Stack:
 
 
 def parse_who(out: str) -> dict[str, str]:
+    """{user: gateway} from `chat-admin who`'s table."""
     lines = out.strip().splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["NAME", "GATEWAY"])
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["NAME"])
+    column = lines[header].split().index("GATEWAY")  # the columns before it are one word
     return {
-        fields[0]: fields[1]
+        fields[0]: fields[column]
         for fields in (line.split() for line in lines[header + 1 :])
-        if len(fields) >= 2 and not re.fullmatch(r"\d+ user\(s\) online", " ".join(fields))
+        if len(fields) > column and not re.fullmatch(r"\d+ user\(s\) online", " ".join(fields))
     }
 
 
