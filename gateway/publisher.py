@@ -52,8 +52,10 @@ class _Release:
     #: Redis lost its data since the claim: no release can find the user, so the leave
     #: is announced directly, on every retry too.
     forced: bool = False
-    #: The room's leave went out already (only freeing the name failed): never again.
+    #: A leave went out already (only freeing the name failed): never forced again.
     announced: bool = False
+    #: Rooms still to leave, from ``rooms``: a retry after a failure picks up here.
+    left: int = 0
 
 
 @dataclass(slots=True)
@@ -206,10 +208,11 @@ class Publisher:
                     await self._broker.force_leave(item.rooms[0], item.session_id, leave)
                 return
             # The leave first: nobody can take the name before its old holder is seen go.
-            if not item.announced:
-                for room in item.rooms:
-                    (event_id,) = await self._broker.leave(room, [(item.session_id, leave)])
-                    item.announced = item.announced or bool(event_id)
+            while item.left < len(item.rooms):
+                room = item.rooms[item.left]
+                (event_id,) = await self._broker.leave(room, [(item.session_id, leave)])
+                item.announced = item.announced or bool(event_id)
+                item.left += 1
             settled = await self._broker.release(item.key, item.session_id, self._gateway)
         except BrokerUnavailable as exc:
             log.warning("could not release %r yet: %s", item.key, exc)
