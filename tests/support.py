@@ -92,9 +92,11 @@ class LogWatcher:
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port, with no persistence."""
+    """A throwaway ``redis-server`` on a free loopback port: no persistence, or with
+    ``persistent`` an append-only file (fsync every second), as compose runs it."""
 
-    def __init__(self) -> None:
+    def __init__(self, persistent: bool = False) -> None:
+        self.persistent = persistent
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log: LogWatcher | None = None
@@ -111,7 +113,8 @@ class RedisServer:
         self.port = port or self.port or free_port()
         self.proc = await asyncio.create_subprocess_exec(
             exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self._dir, "--daemonize", "no",
+            "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "everysec",
+            "--dir", self._dir, "--daemonize", "no",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         assert self.proc.stdout is not None

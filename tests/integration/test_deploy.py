@@ -76,8 +76,9 @@ def test_compose_file_is_valid_against_the_compose_spec() -> None:
     assert set(compose()["services"]) == {"redis", "gateway", "lb", "admin"}
 
 
-def test_compose_redis_is_private_healthy_and_volatile() -> None:
-    """Redis publishes no port, has a `redis-cli ping` health check and persists nothing."""
+def test_compose_redis_is_private_healthy_and_durable() -> None:
+    """Redis publishes no port, has a `redis-cli ping` health check, and keeps its data in
+    an append-only file (fsync every second, no snapshots) on a named volume."""
     redis = compose()["services"]["redis"]
     assert re.fullmatch(r"redis:7(\.\d+)*(-alpine)?", redis["image"]), redis["image"]
     assert "ports" not in redis
@@ -86,7 +87,10 @@ def test_compose_redis_is_private_healthy_and_volatile() -> None:
     assert "ping" in " ".join(redis["healthcheck"]["test"][1:])
     command = redis["command"]
     assert command[command.index("--save") + 1] == ""
-    assert command[command.index("--appendonly") + 1] == "no"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert redis["volumes"] == ["redis-data:/data"]
+    assert "redis-data" in compose()["volumes"]
 
 
 def test_compose_gateway_scales_behind_the_balancer() -> None:

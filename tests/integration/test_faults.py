@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import Cluster
-from tests.support import GatewayProcess, T, TcpProxy, run_cli
+from tests.support import GatewayProcess, RedisServer, T, TcpProxy, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +158,48 @@ async def test_empty_room_history(cluster: Cluster) -> None:
     alice = await cluster.user(0, "alice")
     await alice.send("/history")
     assert await alice.readline() == "* No messages to show."
+
+
+async def test_redis_restarted_with_its_append_only_file_keeps_history_and_presence() -> None:
+    """Redis with an append-only file (as compose runs it) restarts under load: the rooms'
+    history is still there, presence stays true, nothing sent before the stop is lost or
+    shown twice, and nobody is announced as joining or leaving."""
+    redis = RedisServer(persistent=True)
+    await redis.start()
+    cluster = Cluster(redis)
+    try:
+        await cluster.start(2, "--rate-limit", "0")
+        alice = await cluster.user(0, "alice")
+        bob = await cluster.user(1, "bob")
+        carol = await cluster.user(1, "carol")
+        await carol.send("/join #math")
+        await carol.expect(lambda line: line.startswith("* You are in #math"))
+        await carol.send("math before")
+        await carol.expect("carol: math before")
+        await alice.send("".join(f"load {n}\n" for n in range(200)).encode())
+        for user in (alice, bob):
+            await user.expect("alice: load 199")
+
+        await redis.stop()  # a clean stop writes the file out; the start reads it back
+        await redis.start()
+        await alice.send("after the restart")
+        for user in (alice, bob):
+            lines = await user.expect("alice: after the restart", timeout=6 * T)
+            assert all(line in (DOWN, BACK, "alice: after the restart") for line in lines), (
+                lines
+            )  # no join, no leave, no message again
+        users = await who(cluster)
+        assert sorted(users) == ["alice", "bob", "carol"]
+
+        dan = await cluster.user(0, "dan")
+        await dan.send("/history 3")
+        history = await dan.expect(lambda line: "UTC] alice: after the restart" in line)
+        assert [h.split("UTC] ")[1] for h in history[-3:]] == [
+            "alice: load 198", "alice: load 199", "alice: after the restart",
+        ]  # fmt: skip
+        await dan.send("/join #math")
+        lines = await dan.expect(lambda line: line.endswith("UTC] carol: math before"))
+        assert "* You are in #math now: 2 users here." in lines
+    finally:
+        await cluster.close()
+        await redis.close()
