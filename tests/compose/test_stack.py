@@ -125,6 +125,23 @@ class Stack:
         except TimeoutError:
             raise AssertionError(f"HAProxy has not {count} gateways up:\n{log}") from None
 
+    async def resubscriptions(self) -> int:
+        """How many times the gateways have subscribed to the bus again, by their logs."""
+        log = await self.docker("compose", "logs", "--no-color", "gateway")
+        return log.count("bus subscription restored")
+
+    async def wait_resubscribed(self, count: int) -> None:
+        """Wait until the gateways' logs show ``count`` re-subscriptions in all."""
+        try:
+            async with asyncio.timeout(WAIT):  # the logs are the one place that says so
+                while True:
+                    if await self.resubscriptions() >= count:
+                        return
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            log = await self.docker("compose", "logs", "--no-color", "gateway")
+            raise AssertionError(f"gateways not back on the bus:\n{log[-3000:]}") from None
+
     async def leftovers(self) -> dict[str, list[str]]:
         """The project's containers, networks and volumes that still exist."""
         label = f"label=com.docker.compose.project={PROJECT}"
@@ -273,8 +290,9 @@ async def test_readme_compose_steps_end_to_end(stack: Stack) -> None:
     included); users through the published port land on different gateways and chat; `admin
     who` names each user's gateway by its container name; scaling to 5 moves nobody, scaling
     back to 2 and `docker stop` of a gateway move only that gateway's users, each back in
-    under two seconds; a load balancer that cannot start makes `up --wait` fail; `down -v`
-    leaves no container, network or volume."""
+    under two seconds; `restart redis` keeps presence and history (append-only file); a
+    load balancer that cannot start makes `up --wait` fail; `down -v` leaves no container,
+    network or volume."""
     await stack.step("docker compose up --build --scale gateway=3 -d --wait", BUILD_TIMEOUT)
     assert await stack.running_gateways() == {f"{PROJECT}-gateway-{n}" for n in (1, 2, 3)}
     await stack.lb_servers_up(3)
@@ -324,6 +342,16 @@ async def test_readme_compose_steps_end_to_end(stack: Stack) -> None:
         await chat_round(users, users[0], "still here after the drain")
         where = await stack.who()
         assert stopped not in where.values() and len(where) == 3, where
+
+        # Redis restarts from its append-only file: presence and history are still there.
+        restored = await stack.resubscriptions()
+        await stack.step("docker compose restart redis")
+        await stack.wait_resubscribed(restored + len(await stack.running_gateways()))
+        assert await stack.who() == where
+        late = User("dana", stack.port)
+        users.append(late)
+        await late.start()
+        await late.wait_for(r"UTC\] ana: still here after the drain$")
     finally:
         await asyncio.gather(*(u.close() for u in users))
 
