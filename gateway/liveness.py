@@ -37,33 +37,45 @@ class Liveness:
         self.activity: dict[str, float] = {}
         #: What the last recovery found: Redis had lost its data.
         self._lost_data = False
+        #: A recovery began and did not finish (Redis failed again half-way): the next
+        #: heartbeat may succeed, since the registration was restored first, but the rooms
+        #: and the owed leaves still need the rest of it.
+        self._unfinished = False
 
     async def run(self) -> None:
         """Renew this gateway's liveness; reap peers whose liveness expired."""
+        while True:
+            await asyncio.sleep(self._gateway.config.heartbeat_interval)
+            if not await self.beat():
+                return
+
+    async def beat(self) -> bool:
+        """One heartbeat: renew (or recover), reap dead peers, retry failed releases, flush
+        activity. False once another instance has taken this gateway's id (it stops)."""
         gw = self._gateway
         broker, config = gw.broker, gw.config
-        while True:
-            await asyncio.sleep(config.heartbeat_interval)
-            try:
-                if not await broker.heartbeat(gw.id, gw.instance, config.liveness_ttl):
-                    await self.recover()
-                self.last_renewal = asyncio.get_running_loop().time()
-                for gateway, users in (await broker.reap_dead_gateways()).items():
-                    log.info(
-                        "gateway %s stopped renewing its liveness: reaped, %d user(s) "
-                        "announced as left",
-                        gateway,
-                        users,
-                    )
-                gw.publisher.retry_releases()
-                activity, self.activity = self.activity, {}
-                await broker.touch(activity)
-            except BrokerUnavailable as exc:
-                log.warning("liveness renewal failed: %s", exc)
-            except GatewayIdInUse as exc:
-                log.error("%s; stopping", exc)
-                gw.request_stop()
-                return
+        try:
+            renewed = await broker.heartbeat(gw.id, gw.instance, config.liveness_ttl)
+            if not renewed or self._unfinished:
+                await self.recover()
+            self.last_renewal = asyncio.get_running_loop().time()
+            for gateway, users in (await broker.reap_dead_gateways()).items():
+                log.info(
+                    "gateway %s stopped renewing its liveness: reaped, %d user(s) "
+                    "announced as left",
+                    gateway,
+                    users,
+                )
+            gw.publisher.retry_releases()
+            activity, self.activity = self.activity, {}
+            await broker.touch(activity)
+        except BrokerUnavailable as exc:
+            log.warning("liveness renewal failed: %s", exc)
+        except GatewayIdInUse as exc:
+            log.error("%s; stopping", exc)
+            gw.request_stop()
+            return False
+        return True
 
     async def recover(self) -> None:
         """Our registration vanished (we were reaped, or Redis lost its data): register
@@ -84,6 +96,7 @@ class Liveness:
     async def _restore(self) -> None:
         gw = self._gateway
         broker = gw.broker
+        self._unfinished = True
         users = [s for s in gw.sessions() if s.joined and not s.closed]
         log.warning("registration lost; registering again and restoring %d user(s)", len(users))
         epoch = await broker.epoch()
@@ -110,6 +123,7 @@ class Liveness:
         # Only now: if this attempt failed, the next one must reach the same verdict.
         self.epoch = epoch
         self._lost_data = lost_data
+        self._unfinished = False
         for session in users:
             if session.key in refused:
                 session.joined = False

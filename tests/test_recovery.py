@@ -149,3 +149,25 @@ async def test_a_leave_announced_before_the_outage_is_not_announced_again(
     await recover(gateway)
 
     await seen_once(observer, "* alice left the chat")
+
+
+async def test_a_recovery_cut_short_after_registering_is_finished_by_the_next_beat(
+    gateway: Gateway,
+) -> None:
+    """Redis fails again after the registration was restored but before the rooms were:
+    the next heartbeat succeeds, yet the recovery is finished all the same, and the
+    outage's leave is announced once."""
+    observer = await user(gateway, "observer")
+    alice = await user(gateway, "alice")
+    await observer.expect("* alice joined the chat")
+    await leave_while_redis_is_away(gateway, alice)
+
+    FailOnce(gateway.broker, "enter")
+    assert await gateway.liveness.beat()  # the recovery fails in its rooms step
+    assert await gateway.broker.members(DEFAULT_ROOM_KEY) == []
+    assert await gateway.broker.heartbeat(gateway.id, gateway.instance, 5.0)  # registered
+    assert await gateway.liveness.beat()
+    await gateway.publisher.drain()
+
+    await seen_once(observer, "* alice left the chat")
+    assert await gateway.broker.members(DEFAULT_ROOM_KEY) == ["observer"]
