@@ -103,6 +103,11 @@ class Liveness:
         lost_data = epoch != self.epoch
         now = time.time()
         entries = [(s.key, s.name, s.id, now, s.room_key) for s in users if s.key and s.name]
+        # Users gone from here whose release waits behind this recovery: if Redis lost its
+        # data they are restored too (silently), so that their release finds them and
+        # announces their leave; left out, it would find nobody and announce nothing.
+        queued = gw.publisher.queued_releases() if lost_data else []
+        entries += [(key, name, sid, now, room) for sid, key, name, room in queued]
         refused = set(
             await broker.restore_gateway(
                 gw.id, gw.instance, gw.address, gw.started, gw.config.liveness_ttl, entries
@@ -118,6 +123,10 @@ class Liveness:
             join = "" if lost_data else encode_join(s.name, gw.id, s.id)
             by_room[s.room_key].append(Member(s.id, s.name, gw.id, join))
             shown[s.room_key] = s.room
+        for sid, key, name, room in queued:
+            if key not in refused:
+                by_room[room].append(Member(sid, name, gw.id, ""))
+                shown.setdefault(room, room)
         for room, members in by_room.items():
             await broker.enter(room, shown[room], members)
         # Only now: if this attempt failed, the next one must reach the same verdict.

@@ -126,6 +126,15 @@ class Publisher:
         for item in failed:
             self._push(item)
 
+    def queued_releases(self) -> list[tuple[str, str, str, str]]:
+        """(session id, name key, name, room) of the releases waiting in the queue, owed
+        and not forced: users gone from here whose leave is still to be announced."""
+        return [
+            (item.session_id, item.key, item.name, item.rooms[0])
+            for item in self._queue
+            if isinstance(item, _Release) and item.owed and not item.forced and item.rooms
+        ]
+
     def force_pending_releases(self) -> int:
         """Redis lost its data with these users' presence, so no release can find them:
         queue their leaves to be announced directly, now and on every retry. Returns how

@@ -171,3 +171,37 @@ async def test_a_recovery_cut_short_after_registering_is_finished_by_the_next_be
 
     await seen_once(observer, "* alice left the chat")
     assert await gateway.broker.members(DEFAULT_ROOM_KEY) == ["observer"]
+
+
+async def test_a_user_gone_while_the_recovery_waits_its_turn_is_announced(
+    gateway: Gateway,
+) -> None:
+    """Redis lost its data; the recovery waits behind other work; meanwhile a user hangs
+    up, so its release queues behind the recovery: the recovery restores that user too,
+    and its release then announces the leave, once."""
+    observer = await user(gateway, "observer")
+    alice = await user(gateway, "alice")
+    await observer.expect("* alice joined the chat")
+    await gateway.broker._commands.flushall()  # Redis restarted empty
+
+    hold = asyncio.Event()
+    busy = asyncio.create_task(gateway.publisher.exclusive(hold.wait))  # work ahead of it
+    recovery = asyncio.create_task(gateway.liveness.recover())
+    queued = asyncio.Event()
+    release = gateway.publisher.release
+
+    def noting_release(*args: Any, **kwargs: Any) -> None:
+        release(*args, **kwargs)
+        queued.set()
+
+    gateway.publisher.release = noting_release  # type: ignore[method-assign]
+    await alice.close()
+    async with asyncio.timeout(T):
+        await queued.wait()  # alice's release is queued behind the recovery
+    hold.set()
+    async with asyncio.timeout(T):
+        await asyncio.gather(busy, recovery)
+        await gateway.publisher.drain()
+
+    await seen_once(observer, "* alice left the chat")
+    assert [p.name for p in await gateway.broker.online()] == ["observer"]
