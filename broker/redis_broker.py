@@ -513,15 +513,23 @@ class RedisBroker:
 
     async def reap_dead_gateways(self) -> dict[str, int]:
         """Forget every gateway whose liveness expired, announcing its users' leaves once.
-        Returns {gateway id: users evicted}."""
-        dead = [text(g) for g in await self._global("reap", ())]
-        return {gateway: await self.evict(gateway, spare_live=True) for gateway in dead}
+        Returns {gateway id: leaves this call announced}, for the gateways whose reaping
+        this call finished (of gateways reaping the same one at once, one reports it)."""
+        reaped = {}
+        for gateway in [text(g) for g in await self._global("reap", ())]:
+            announced, finished = await self._evict(gateway, spare_live=True)
+            if finished:
+                reaped[gateway] = announced
+        return reaped
 
     async def evict(self, gateway: str, spare_live: bool = False) -> int:
         """Announce the leave of every user ``gateway`` holds in the rooms they are in,
         then free their names; with ``spare_live``, only those of a dead instance (not of
         one that holds the id now). Safe to repeat, and to run from several gateways at
-        once: each leave is announced once. Returns how many users were evicted."""
+        once: each leave is announced once. Returns how many leaves this call announced."""
+        return (await self._evict(gateway, spare_live))[0]
+
+    async def _evict(self, gateway: str, spare_live: bool) -> tuple[int, bool]:
         flat = await self._global("held_by", (gateway, "1" if spare_live else "0"))
         users = []
         leaves: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -534,10 +542,12 @@ class RedisBroker:
             # may have left it there.
             for room in {fields.get("room") or DEFAULT_ROOM_KEY, fields.get("prev") or ""} - {""}:
                 leaves[room].append((session, event))
+        announced: set[str] = set()
         for room, pairs in leaves.items():
-            await self.leave(room, pairs)
-        await self._global("forget", (gateway, *(v for pair in users for v in pair)))
-        return len(users)
+            ids = await self.leave(room, pairs)
+            announced.update(session for (session, _), i in zip(pairs, ids, strict=True) if i)
+        _, finished = await self._global("forget", (gateway, *(v for pair in users for v in pair)))
+        return len(announced), bool(int(finished))
 
     async def deregister_gateway(self, gateway: str, instance: str) -> int:
         """A clean stop: announce the leave of every user still held, forget the gateway.

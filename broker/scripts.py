@@ -236,8 +236,8 @@ return out
 
 # ARGV[5]: gateway id; then pairs of name key, session id. Frees those names (their leaves
 # were announced in their rooms); once the gateway holds none, or its id is live again, it
-# leaves the reaping queue.
-# Returns the number of names it still holds.
+# leaves the reaping queue. Returns {names it still holds, 1 if this call took it off the
+# queue (of reapers racing, one finishes) else 0}.
 FORGET = """
 local gid = ARGV[5]
 for i = 6, #ARGV, 2 do
@@ -249,10 +249,11 @@ for i = 6, #ARGV, 2 do
   redis.call('SREM', users_key(gid), ARGV[i])
 end
 local left = redis.call('SCARD', users_key(gid))
+local finished = 0
 if left == 0 or redis.call('EXISTS', alive_key(gid)) == 1 then
-  redis.call('SREM', REAPING, gid)
+  finished = redis.call('SREM', REAPING, gid)
 end
-return left
+return {left, finished}
 """
 
 # ARGV[5..6]: gateway id, instance. The end of a clean stop (its users evicted already):

@@ -741,15 +741,17 @@ async def test_registering_again_takes_the_id_off_the_reaping_queue(broker: Redi
 
 
 async def test_concurrent_evictions_announce_each_leave_once(broker: RedisBroker) -> None:
-    """Two reapers evicting the same dead gateway at once announce each leave once."""
+    """Two reapers evicting the same dead gateway at once announce each leave once, and
+    one of them reports it."""
     await register(broker, "dead")
     for n in range(5):
         await login(broker, f"user{n}", "dead", f"s{n}")
     await expire(broker, "dead")
     async with listen(broker) as listener:
-        await asyncio.gather(broker.reap_dead_gateways(), broker.reap_dead_gateways())
+        results = await asyncio.gather(broker.reap_dead_gateways(), broker.reap_dead_gateways())
         received = await listener.until_marker()
     assert leaves(received) == [(LOBBY, f"user{n}", f"s{n}") for n in range(5)]
+    assert [set(r) for r in results if r] == [{"dead"}]  # one of them reports the reap
     assert await broker.online() == []
 
 
