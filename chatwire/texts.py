@@ -235,7 +235,3 @@ def not_online_text(name: str) -> str:
 
 def unknown_command_text(command: str) -> str:
     return f"unknown command {command[:64]}; type /help for the list"
-
-
-def is_not_delivered(text: str) -> bool:
-    return text.startswith("not delivered")
