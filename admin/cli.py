@@ -33,7 +33,7 @@ def run_on_broker(url: str, action: Callable[[RedisBroker], Awaitable[T]]) -> T:
     stderr and exit status 1, never a traceback."""
 
     async def go() -> T:
-        broker = connect(url)
+        broker = await connect(url)
         try:
             return await action(broker)
         finally:

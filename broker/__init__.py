@@ -8,6 +8,7 @@ schema in :mod:`broker.events`.
 
 from __future__ import annotations
 
+from broker.connection import Mode, redact_url
 from broker.errors import BrokerError, BrokerUnavailable, EventDecodeError, GatewayIdInUse
 from broker.events import (
     Announcement,
@@ -29,23 +30,22 @@ from broker.redis_broker import (
     Member,
     Presence,
     RedisBroker,
-    redact_url,
 )
-from broker.subscription import Delivery, Subscription
+from broker.subscription import BusSubscription, Delivery, Resubscribed, Subscription
 
 
-def connect(url: str | None) -> RedisBroker:
-    """The broker at ``url``, or an embedded in-process one when ``url`` is None or empty.
-
-    Nothing is contacted yet: the first operation connects.
-    """
-    return RedisBroker.from_url(url) if url else RedisBroker.embedded()
+async def connect(url: str | None, wait: float = 0.0) -> RedisBroker:
+    """The broker at ``url`` (one Redis server, any node of a Redis Cluster, or Sentinel's
+    ``redis+sentinel://``), or an embedded in-process one when ``url`` is None or empty.
+    Waits ``wait`` seconds at most for Redis to answer (:class:`BrokerUnavailable`)."""
+    return await RedisBroker.connect(url, wait) if url else RedisBroker.embedded()
 
 
 __all__ = [
     "Announcement",
     "BrokerError",
     "BrokerUnavailable",
+    "BusSubscription",
     "ChatMessage",
     "Claim",
     "Delivery",
@@ -57,9 +57,11 @@ __all__ = [
     "InboxEvent",
     "Kick",
     "Member",
+    "Mode",
     "Presence",
     "PrivateDelivery",
     "RedisBroker",
+    "Resubscribed",
     "RoomEvent",
     "Subscription",
     "UserJoined",

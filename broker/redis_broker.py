@@ -15,14 +15,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
 
-from broker import keys, scripts
+from broker import connection, keys, scripts
+from broker.connection import Connection, Mode
 from broker.errors import BrokerUnavailable, EventDecodeError, GatewayIdInUse
 from broker.events import (
     ChatMessage,
@@ -35,20 +32,13 @@ from broker.events import (
     encode_member,
     encode_private,
 )
-from broker.subscription import Subscription
+from broker.sharded import ShardedSubscription
+from broker.subscription import BusSubscription, Subscription
 from broker.translate import text, unavailable_on_error
 from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait for a TCP connection to Redis before calling it unavailable.
-CONNECT_TIMEOUT = 3.0
-#: Seconds to wait for any single Redis reply; a stuck Redis must not stall a gateway.
-COMMAND_TIMEOUT = 5.0
-#: Connections one process opens to Redis for commands, at most.
-MAX_CONNECTIONS = 32
-#: Seconds between PINGs on an idle subscription, so a dead link is noticed.
-HEALTH_CHECK_INTERVAL = 5
 #: Scripts that add to what users see each time they run. A retry after a lost reply would
 #: run them twice (a message shown twice), so they go out once: a failure is reported, and
 #: the sender is told its line was not delivered. The other scripts give the same result
@@ -125,16 +115,6 @@ class Member:
     join: str
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced, fit for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def _gateway_record(gateway: str, instance: str, address: str, started: float, ttl: float) -> str:
     return json.dumps(
         {
@@ -150,67 +130,45 @@ def _gateway_record(gateway: str, instance: str, address: str, started: float, t
 class RedisBroker:
     """Rooms, presence and liveness on one Redis (real, or embedded with fakeredis)."""
 
-    def __init__(self, commands: aioredis.Redis, bus: aioredis.Redis, description: str) -> None:
-        """``commands`` serves requests and may retry them after a broken link; ``bus``
-        never retries: it holds subscriptions, so that a lost one is noticed and the gap
-        replayed, and it runs the scripts in :data:`ONCE_ONLY`."""
-        self._commands = commands
-        self._bus = bus
-        self.description = description
+    def __init__(self, connection: Connection) -> None:
+        """``connection.commands`` serves requests and may retry them after a broken link;
+        ``connection.bus`` never retries: it runs the scripts in :data:`ONCE_ONLY`, and
+        holds subscriptions so that a lost one is noticed and the gap replayed."""
+        self.mode = connection.mode
+        self.description = connection.description
+        self._connection = connection
+        self._commands = connection.commands
+        self._bus = connection.bus
+        sharded = connection.mode is Mode.CLUSTER
         self._scripts = {
-            name: (bus if name in ONCE_ONLY else commands).register_script(prelude + body)
-            for prelude, table in (
-                (scripts.GLOBAL_PRELUDE, scripts.GLOBAL_SCRIPTS),
-                (scripts.ROOM_PRELUDE, scripts.ROOM_SCRIPTS),
-            )
-            for name, body in table.items()
+            name: (self._bus if name in ONCE_ONLY else self._commands).register_script(source)
+            for name, source in scripts.sources(sharded).items()
         }
 
     # -- construction --------------------------------------------------------------------
 
     @classmethod
+    async def connect(cls, url: str, wait: float = 0.0) -> RedisBroker:
+        """A broker on the deployment at ``url``: one Redis server, a Redis Cluster (any
+        node's URL; detected) or a primary found through Sentinel (``redis+sentinel://``).
+        Waits ``wait`` seconds at most for Redis to answer."""
+        return cls(await connection.open_url(url, wait))
+
+    @classmethod
     def from_url(cls, url: str) -> RedisBroker:
-        """A broker on the Redis server at ``url`` (``redis://``, ``rediss://``, ``unix://``)."""
-        common: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            "socket_timeout": COMMAND_TIMEOUT,
-            "socket_keepalive": True,
-            "health_check_interval": HEALTH_CHECK_INTERVAL,
-        }
-        try:
-            # A bounded pool that waits for a free connection: a login storm queues its
-            # claims here instead of opening a connection each (or failing past a cap).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=COMMAND_TIMEOUT,
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-                **common,
-            )
-            commands = aioredis.Redis.from_pool(pool)
-            bus = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
-            # redis-py takes unknown URL options and fails on them only when it first
-            # connects; making a connection object (no I/O) finds them now.
-            commands.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        except (ValueError, TypeError) as exc:
-            raise BrokerUnavailable(f"invalid Redis URL {redact_url(url)!r}: {exc}") from exc
-        return cls(commands, bus, f"Redis at {redact_url(url)}")
+        """A broker on the one Redis server at ``url``, without asking it anything."""
+        return cls(connection.standalone(url))
 
     @classmethod
     def embedded(cls) -> RedisBroker:
         """A broker on an in-process Redis: one gateway alone, nothing to install."""
-        import fakeredis
-
-        server = fakeredis.FakeServer()
-        return cls(
-            fakeredis.FakeAsyncRedis(server=server),
-            fakeredis.FakeAsyncRedis(server=server),
-            "embedded in-process broker",
-        )
+        return cls(connection.embedded())
 
     async def close(self) -> None:
         """Close both connection pools (safe to call twice)."""
-        for client in (self._bus, self._commands):
+        for client in (self._bus, self._commands, self._connection.replica):
+            if client is None:
+                continue
             with suppress(redis.exceptions.RedisError, OSError):  # closing a broken link
                 await client.aclose()
 
@@ -265,11 +223,19 @@ class RedisBroker:
         )
 
     @asynccontextmanager
-    async def subscription(self, gateway: str, rooms: Sequence[str]) -> AsyncIterator[Subscription]:
+    async def subscription(
+        self, gateway: str, rooms: Sequence[str]
+    ) -> AsyncIterator[BusSubscription]:
         """A live subscription to ``gateway``'s inbox and to ``rooms``, confirmed on entry;
         :class:`BrokerUnavailable` on entry or while iterating when the link breaks.
-        Events published meanwhile are recovered with :meth:`events_after`."""
-        subscription = Subscription(self._bus.pubsub(), gateway)
+        Events published meanwhile are recovered with :meth:`events_after`. On a cluster,
+        a room whose node is lost is subscribed again by itself, marked
+        :class:`Resubscribed` in the deliveries."""
+        subscription: BusSubscription
+        if self.mode is Mode.CLUSTER:
+            subscription = ShardedSubscription(self._bus, gateway)
+        else:
+            subscription = Subscription(self._bus.pubsub(), gateway)
         try:
             await subscription.open(rooms)
             yield subscription
@@ -373,26 +339,25 @@ class RedisBroker:
         """A token that stays the same for as long as Redis keeps its data: compare two
         readings to learn whether it restarted empty in between."""
         with unavailable_on_error("epoch"):
-            async with self._commands.pipeline(transaction=True) as pipe:
-                pipe.set(keys.EPOCH, secrets.token_hex(8), nx=True)
-                pipe.get(keys.EPOCH)
-                _, value = await pipe.execute()
-        return text(value or "")
+            token = secrets.token_hex(8)
+            # One atomic command (Redis 7): the token already there, or None if ours was set.
+            value = await self._commands.set(keys.EPOCH, token, nx=True, get=True)
+        return text(value or token)
 
     async def online(self) -> list[Presence]:
         """Everyone online, cluster-wide, with the room each is in."""
         with unavailable_on_error("online"):
-            async with self._commands.pipeline(transaction=True) as pipe:
+            async with self._commands.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.ONLINE)
                 pipe.hgetall(keys.ACTIVITY)
                 records, activity = await pipe.execute()
             parsed = [(key, json.loads(raw)) for key, raw in records.items()]
             room_keys = sorted({f.get("room") or DEFAULT_ROOM_KEY for _, f in parsed})
-            names = (
-                await self._commands.mget([keys.room(r).name for r in room_keys])
-                if room_keys
-                else []
-            )
+            # One GET per room, not MGET: on a cluster, rooms live in different slots.
+            async with self._commands.pipeline(transaction=False) as pipe:
+                for r in room_keys:
+                    pipe.get(keys.room(r).name)
+                names = await pipe.execute() if room_keys else []
         shown = {r: text(n) if n is not None else r for r, n in zip(room_keys, names, strict=True)}
         shown[DEFAULT_ROOM_KEY] = shown.get(DEFAULT_ROOM_KEY) or DEFAULT_ROOM
         users = []

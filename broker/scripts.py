@@ -17,6 +17,10 @@ Calling conventions, shared so that the preludes can name things:
   keys are built from that prefix and those suffixes (:mod:`broker.keys` supplies them);
 * room: ``KEYS = [stream, channel, members, name, ...]``,
   ``ARGV = [stream maxlen, "1" if the room is permanent else "0", ...]``.
+
+Events go out by pub/sub, through the command named ``PUBLISH`` in Lua: ``PUBLISH`` on one
+Redis server, ``SPUBLISH`` on a Redis Cluster, where sharded pub/sub keeps each room's
+traffic on the node that owns its slot (:func:`sources`).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ local MAXLEN, PERMANENT = ARGV[1], ARGV[2] == '1'
 -- Append an event to the room stream and publish it with its id: one order for both.
 local function emit(data)
   local id = redis.call('XADD', STREAM, 'MAXLEN', '~', MAXLEN, '*', 'd', data)
-  redis.call('PUBLISH', CHANNEL, id .. ' ' .. data)
+  redis.call(PUBLISH, CHANNEL, id .. ' ' .. data)
   return id
 end
 
@@ -274,7 +278,7 @@ SEND_TO_HOLDER = """
 local rec = redis.call('HGET', ONLINE, ARGV[5])
 if not rec then return {0} end
 local p = cjson.decode(rec)
-local receivers = redis.call('PUBLISH', inbox(p.gateway), ARGV[6])
+local receivers = redis.call(PUBLISH, inbox(p.gateway), ARGV[6])
 return {1, p.name, p.session, p.gateway, receivers}
 """
 
@@ -338,3 +342,13 @@ ROOM_SCRIPTS = {
     "leave": LEAVE,
     "force_leave": FORCE_LEAVE,
 }
+
+
+def sources(sharded: bool) -> dict[str, str]:
+    """Every script's full source by name; ``sharded`` publishes with ``SPUBLISH``."""
+    header = f"local PUBLISH = '{'SPUBLISH' if sharded else 'PUBLISH'}'\n"
+    return {
+        name: header + prelude + body
+        for prelude, table in ((GLOBAL_PRELUDE, GLOBAL_SCRIPTS), (ROOM_PRELUDE, ROOM_SCRIPTS))
+        for name, body in table.items()
+    }

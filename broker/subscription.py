@@ -13,7 +13,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import suppress
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import redis.exceptions
 from redis.asyncio.client import PubSub
@@ -33,8 +34,41 @@ MAX_BATCH = 512
 #: Seconds to wait for Redis to confirm a subscription.
 CONFIRM_TIMEOUT = 5.0
 
-#: One delivery: (folded room name, event) for a room channel, (None, event) for the inbox.
-Delivery = tuple[str | None, RoomEvent | InboxEvent]
+
+@dataclass(frozen=True, slots=True)
+class Resubscribed:
+    """A room's subscription was lost and is made again (on a cluster: its slot moved, or
+    its node failed over): what was published meanwhile is in the room's stream."""
+
+
+#: One delivery: (folded room name, event or marker) for a room, (None, event) for the inbox.
+Delivery = tuple[str | None, RoomEvent | InboxEvent | Resubscribed]
+
+
+class BusSubscription(Protocol):
+    """What a gateway's relay needs of its subscription, on any deployment."""
+
+    #: Folded names of the rooms subscribed (or being subscribed) to.
+    rooms: set[str]
+
+    async def open(self, rooms: Iterable[str]) -> None: ...
+    async def add(self, room: str) -> None: ...
+    async def remove(self, room: str) -> None: ...
+    def batches(self) -> AsyncIterator[list[Delivery]]: ...
+    async def close(self) -> None: ...
+
+
+def decode_message(channel: str, data: bytes | str, inbox: str) -> Delivery | None:
+    """The delivery a bus message on ``channel`` carries (None: not one of ours, or
+    undecodable, which is logged)."""
+    try:
+        if channel == inbox:
+            return None, decode_inbox(data)
+        if (room := keys.room_of_channel(channel)) is not None:
+            return room, decode_bus_message(data)
+    except EventDecodeError as exc:
+        log.warning("skipping an event: %s", exc)
+    return None
 
 
 class Subscription:
@@ -125,12 +159,7 @@ class Subscription:
                 continue
             if kind != "message":
                 continue
-            channel = text(m["channel"])
-            try:
-                if channel == self._inbox:
-                    batch.append((None, decode_inbox(m["data"])))
-                elif (room := keys.room_of_channel(channel)) is not None:
-                    batch.append((room, decode_bus_message(m["data"])))
-            except EventDecodeError as exc:
-                log.warning("skipping an event: %s", exc)
+            delivery = decode_message(text(m["channel"]), m["data"], self._inbox)
+            if delivery is not None:
+                batch.append(delivery)
         return batch

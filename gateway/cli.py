@@ -50,7 +50,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 async def serve(config: GatewayConfig) -> None:
     """Run a gateway until SIGTERM or SIGINT, then drain it."""
-    broker = connect(config.redis_url)
+    broker = await connect(config.redis_url, config.redis_wait)
     if not config.redis_url:
         log.info(
             "no Redis configured (--redis-url or REDIS_URL): running alone on the embedded "

@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 from broker import (
     BrokerUnavailable,
+    BusSubscription,
     Delivery,
     InboxEvent,
     PrivateDelivery,
     RedisBroker,
+    Resubscribed,
     RoomEvent,
-    Subscription,
     UserKicked,
 )
 from gateway.rooms import Member, Room, Rooms
@@ -53,7 +54,7 @@ class Relay:
         self._rooms = rooms
         self._on_inbox = on_inbox
         self._on_service = on_service
-        self._subscription: Subscription | None = None
+        self._subscription: BusSubscription | None = None
         self._changes = asyncio.Lock()
         self._unsubscribing: set[asyncio.Task[None]] = set()
         self._down_notice: asyncio.TimerHandle | None = None
@@ -80,7 +81,7 @@ class Relay:
                     self._service_up()
                     delay = RETRY_MIN
                     async for batch in subscription.batches():
-                        self._deliver(batch)
+                        await self._deliver(batch)
             except BrokerUnavailable as exc:
                 log.warning("bus subscription lost (%s); retrying in %.1fs", exc, delay)
             finally:
@@ -119,7 +120,7 @@ class Relay:
             self._unsubscribing.add(task)
             task.add_done_callback(self._unsubscribing.discard)
 
-    async def _unsubscribe(self, subscription: Subscription, key: str) -> None:
+    async def _unsubscribe(self, subscription: BusSubscription, key: str) -> None:
         async with self._changes:
             if self._rooms.get(key) is not None or subscription is not self._subscription:
                 return  # hosted again meanwhile, or the link was re-made without it
@@ -130,15 +131,21 @@ class Relay:
 
     async def _catch_up(self) -> None:
         for room in self._rooms:
-            if room.last_event is None:
-                continue
-            missed = await self._broker.events_after(room.key, room.last_event)
-            if missed:
-                log.info("replaying %d event(s) of %s missed while unsubscribed", len(missed),
-                         room.key)  # fmt: skip
-            self._deliver_room(room, missed)
+            await self._replay(room)
 
-    def _deliver(self, batch: list[Delivery]) -> None:
+    async def _replay(self, room: Room) -> None:
+        """Deliver what ``room``'s stream holds after the last event delivered."""
+        if room.last_event is None:
+            return
+        missed = await self._broker.events_after(room.key, room.last_event)
+        if missed:
+            log.info("replaying %d event(s) of %s missed while unsubscribed", len(missed),
+                     room.key)  # fmt: skip
+        self._deliver_room(room, missed)
+
+    async def _deliver(self, batch: list[Delivery]) -> None:
+        """Deliver a batch; where a room was subscribed again (:class:`Resubscribed`), its
+        gap is replayed first, before anything that came after the marker."""
         self.received += len(batch)
         by_room: dict[str, list[RoomEvent]] = {}
         for key, event in batch:
@@ -147,8 +154,16 @@ class Relay:
                     self._on_inbox(event)
                 except Exception:
                     log.exception("unexpected error handling %r", event)
+            elif isinstance(event, Resubscribed):
+                self._deliver_rooms(by_room)
+                by_room = {}
+                if key is not None and (room := self._rooms.get(key)) is not None:
+                    await self._replay(room)
             elif key is not None:
                 by_room.setdefault(key, []).append(event)
+        self._deliver_rooms(by_room)
+
+    def _deliver_rooms(self, by_room: dict[str, list[RoomEvent]]) -> None:
         for key, events in by_room.items():
             room = self._rooms.get(key)
             if room is not None:

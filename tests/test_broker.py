@@ -169,7 +169,7 @@ def leaves(deliveries: list[Delivery]) -> list[tuple[str | None, str, str]]:
 
 async def test_connect_without_url_gives_a_working_embedded_broker() -> None:
     """connect(None) returns an embedded broker that answers."""
-    b = connect(None)
+    b = await connect(None)
     try:
         assert isinstance(b, RedisBroker)
         await b.ping()
