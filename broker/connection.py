@@ -180,9 +180,7 @@ def sentinel(url: str) -> Connection:
         db=address.db,
         **_COMMON,
     )
-    commands = watch.master_for(
-        address.service, max_connections=MAX_CONNECTIONS, retry=_retrying()
-    )
+    commands = watch.master_for(address.service, max_connections=MAX_CONNECTIONS, retry=_retrying())
     bus = watch.master_for(address.service, retry=_never_retrying())
     replica = watch.slave_for(address.service, retry=_never_retrying())
     return Connection(

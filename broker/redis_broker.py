@@ -33,7 +33,7 @@ from broker.events import (
     encode_private,
 )
 from broker.sharded import ShardedSubscription
-from broker.subscription import BusSubscription, Subscription
+from broker.subscription import BusSubscription, SplitSubscription, Subscription
 from broker.translate import text, unavailable_on_error
 from chatwire.names import DEFAULT_ROOM, DEFAULT_ROOM_KEY
 
@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 #: the sender is told its line was not delivered. The other scripts give the same result
 #: when repeated (they change a member or a name only once) and may be retried.
 ONCE_ONLY = frozenset({"publish", "send_to_holder"})
+#: Under Sentinel, every script but these waits for a replica to have its writes (WAIT).
+#: These write nothing a failover must keep: a renewal, activity times, or nothing at all.
+UNREPLICATED = frozenset({"heartbeat", "touch", "held_by", "send_to_holder"})
+#: Milliseconds a write waits for a replica's acknowledgement under Sentinel.
+REPLICA_WAIT_MS = 500
 #: Stream pages read backwards, at most, to find the last messages among joins and leaves.
 HISTORY_PAGES = 8
 
@@ -175,18 +180,39 @@ class RedisBroker:
     # -- scripts -------------------------------------------------------------------------
 
     async def _global(self, name: str, args: Sequence[Any]) -> Any:
-        with unavailable_on_error(name):
-            return await self._scripts[name](keys=keys.GLOBAL_KEYS, args=[*keys.GLOBAL_ARGS, *args])
+        return await self._run(name, keys.GLOBAL_KEYS, [*keys.GLOBAL_ARGS, *args])
 
     async def _room(
         self, name: str, room: str, args: Sequence[Any], extra_keys: Sequence[str] = ()
     ) -> Any:
         permanent = "1" if room == DEFAULT_ROOM_KEY else "0"
+        return await self._run(
+            name,
+            [*keys.room(room).scripts_keys(), *extra_keys],
+            [keys.STREAM_MAXLEN, permanent, *args],
+        )
+
+    async def _run(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
         with unavailable_on_error(name):
-            return await self._scripts[name](
-                keys=[*keys.room(room).scripts_keys(), *extra_keys],
-                args=[keys.STREAM_MAXLEN, permanent, *args],
-            )
+            if self.mode is not Mode.SENTINEL or name in UNREPLICATED:
+                return await script(keys=keys_, args=args)
+            # Under Sentinel, a write counts once a replica has it: a failover then keeps
+            # it. WAIT runs on the script's own connection, right after it.
+            client = self._bus if name in ONCE_ONLY else self._commands
+            async with client.pipeline(transaction=False) as pipe:
+                await script(keys=keys_, args=args, client=pipe)
+                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+                result, acknowledged = await pipe.execute()
+            if not int(acknowledged) and await self._has_replicas():
+                raise BrokerUnavailable(f"{name}: no replica acknowledged the write in time")
+            return result
+
+    async def _has_replicas(self) -> bool:
+        """Whether the primary has a replica connected (none: nothing to wait for, as
+        nothing could be promoted in its place)."""
+        info = await self._commands.info("replication")
+        return int(info.get("connected_slaves", 0)) > 0
 
     async def ping(self) -> None:
         with unavailable_on_error("ping"):
@@ -234,6 +260,10 @@ class RedisBroker:
         subscription: BusSubscription
         if self.mode is Mode.CLUSTER:
             subscription = ShardedSubscription(self._bus, gateway)
+        elif self.mode is Mode.SENTINEL:
+            subscription = SplitSubscription(
+                self._connection.replica.pubsub(), self._bus.pubsub(), gateway
+            )
         else:
             subscription = Subscription(self._bus.pubsub(), gateway)
         try:
@@ -267,9 +297,12 @@ class RedisBroker:
         return found[::-1]
 
     async def events_after(self, room: str, event_id: str) -> list[RoomEvent]:
-        """Every event of ``room`` still in its stream after ``event_id``, oldest first."""
+        """Every event of ``room`` still in its stream after ``event_id``, oldest first.
+        Under Sentinel, read on the replica the room's live events come from, so that a
+        replay gives nothing a failover could lose."""
+        client = self._connection.replica or self._commands
         with unavailable_on_error("replay"):
-            entries = await self._commands.xrange(keys.room(room).stream, min=f"({event_id}")
+            entries = await client.xrange(keys.room(room).stream, min=f"({event_id}")
         return _decode_entries(entries, log.warning)
 
     async def members(self, room: str) -> list[str]:

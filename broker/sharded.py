@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 #: Backoff bounds, seconds, while a lost channel waits for its slot's new owner.
 REGAIN_MIN, REGAIN_MAX = 0.05, 1.0
 
+
 class _Shard:
     """The subscription connection to one node, and the channels subscribed there."""
 

@@ -58,6 +58,10 @@ class BusSubscription(Protocol):
     async def close(self) -> None: ...
 
 
+def _channel(room: str) -> str:
+    return keys.room(room).channel
+
+
 def decode_message(channel: str, data: bytes | str, inbox: str) -> Delivery | None:
     """The delivery a bus message on ``channel`` carries (None: not one of ours, or
     undecodable, which is logged)."""
@@ -74,21 +78,29 @@ def decode_message(channel: str, data: bytes | str, inbox: str) -> Delivery | No
 class Subscription:
     """The inbox of one gateway plus the rooms it hosts, on one connection."""
 
-    def __init__(self, pubsub: PubSub, gateway: str) -> None:
+    def __init__(self, pubsub: PubSub, gateway: str, inbox: bool = True) -> None:
+        """Without ``inbox``, the rooms only."""
         self._pubsub = pubsub
         self._inbox = keys.gateway_inbox(gateway)
+        self._with_inbox = inbox
         self._confirming: dict[str, asyncio.Future[None]] = {}
         self._early: list[dict[str, Any]] = []
         #: Folded names of the rooms subscribed (or being subscribed) to.
         self.rooms: set[str] = set()
+        #: Set once a subscription was sent: from then on there is something to read.
+        self.started = asyncio.Event()
 
     async def open(self, rooms: Iterable[str]) -> None:
         """Subscribe to the inbox and ``rooms`` and wait, reading, for Redis to confirm."""
-        channels = [self._inbox, *(keys.room(r).channel for r in rooms)]
+        rooms = list(rooms)
+        channels = [*([self._inbox] if self._with_inbox else []), *map(_channel, rooms)]
         self.rooms.update(rooms)
         waiting = set(channels)
+        if not channels:
+            return
         with unavailable_on_error("subscribe"):
             await self._pubsub.subscribe(*channels)
+            self.started.set()
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 while waiting:
                     message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
@@ -109,6 +121,7 @@ class Subscription:
         try:
             with unavailable_on_error("subscribe"):
                 await self._pubsub.subscribe(channel)
+                self.started.set()
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
                     await future
         except TimeoutError:
@@ -163,3 +176,56 @@ class Subscription:
             if delivery is not None:
                 batch.append(delivery)
         return batch
+
+
+class SplitSubscription:
+    """Under Sentinel: the rooms read on a replica, the inbox on the primary.
+
+    A room event reaches users only once a replica has it, so whatever anyone saw survives
+    the primary's failover, and the new primary's stream can replay it to those who missed
+    it. Private messages and kicks are not kept anywhere: they go by the primary, which
+    tells the sender whether the recipient's gateway was listening.
+    """
+
+    def __init__(self, rooms: PubSub, inbox: PubSub, gateway: str) -> None:
+        self._rooms = Subscription(rooms, gateway, inbox=False)
+        self._inbox = Subscription(inbox, gateway)
+        #: Folded names of the rooms subscribed (or being subscribed) to.
+        self.rooms = self._rooms.rooms
+
+    async def open(self, rooms: Iterable[str]) -> None:
+        await asyncio.gather(self._inbox.open(()), self._rooms.open(rooms))
+
+    async def add(self, room: str) -> None:
+        await self._rooms.add(room)
+
+    async def remove(self, room: str) -> None:
+        await self._rooms.remove(room)
+
+    async def batches(self) -> AsyncIterator[list[Delivery]]:
+        """Both connections' batches as they come (the rooms' once one is subscribed to)."""
+        inbox = self._inbox.batches()
+        rooms = self._rooms.batches()
+        waiting: dict[asyncio.Future[Any], AsyncIterator[list[Delivery]] | None] = {
+            asyncio.ensure_future(anext(inbox)): inbox,
+            asyncio.ensure_future(self._rooms.started.wait()): None,
+        }
+        try:
+            while True:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    source = waiting.pop(future)
+                    if source is None:  # the rooms' connection is there: read it too
+                        source, batch = rooms, None
+                    else:
+                        batch = future.result()
+                    waiting[asyncio.ensure_future(anext(source))] = source
+                    if batch:
+                        yield batch
+        finally:
+            for future in waiting:
+                future.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    async def close(self) -> None:
+        await asyncio.gather(self._inbox.close(), self._rooms.close())
