@@ -43,7 +43,7 @@ from broker.subscription import (
     Resubscribed,
     decode_message,
 )
-from broker.translate import text, unavailable_on_error
+from broker.translate import text, unavailable_on_teardown
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ShardedSubscription:
             self._drop(shard)
             return
         shard.leaving.add(channel)
-        with unavailable_on_error("unsubscribe"):
+        with unavailable_on_teardown("unsubscribe"):
             await shard.pubsub.sunsubscribe(channel)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
@@ -171,7 +171,7 @@ class ShardedSubscription:
         future = asyncio.get_running_loop().create_future()
         self._confirming[channel] = future
         try:
-            with unavailable_on_error("subscribe"):
+            with unavailable_on_teardown("subscribe"):
                 await self._send_subscribe(channel)
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
                     await future

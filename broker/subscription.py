@@ -22,7 +22,7 @@ from redis.asyncio.client import PubSub
 from broker import keys
 from broker.errors import BrokerUnavailable, EventDecodeError
 from broker.events import InboxEvent, RoomEvent, decode_bus_message, decode_inbox
-from broker.translate import text, unavailable_on_error
+from broker.translate import text, unavailable_on_error, unavailable_on_teardown
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Subscription:
         self._confirming[channel] = future
         self.rooms.add(room)
         try:
-            with unavailable_on_error("subscribe"):
+            with unavailable_on_teardown("subscribe"):
                 await self._pubsub.subscribe(channel)
                 self.started.set()
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
@@ -132,7 +132,7 @@ class Subscription:
     async def remove(self, room: str) -> None:
         """Stop receiving ``room`` (what is already on its way may still arrive)."""
         self.rooms.discard(room)
-        with unavailable_on_error("unsubscribe"):
+        with unavailable_on_teardown("unsubscribe"):
             await self._pubsub.unsubscribe(keys.room(room).channel)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:

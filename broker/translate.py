@@ -19,6 +19,18 @@ def unavailable_on_error(what: str) -> Iterator[None]:
         raise BrokerUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
 
 
+@contextmanager
+def unavailable_on_teardown(what: str) -> Iterator[None]:
+    """As :func:`unavailable_on_error`, for a command sent on a pub/sub connection that
+    another task may be tearing down (the link broke): redis-py's asyncio connection then
+    fails with AttributeError (its writer already None) instead of a connection error."""
+    try:
+        with unavailable_on_error(what):
+            yield
+    except AttributeError as exc:
+        raise BrokerUnavailable(f"{what}: the connection closed meanwhile ({exc})") from exc
+
+
 def text(value: bytes | str) -> str:
     """A Redis reply as text (replies are bytes unless the client decodes them)."""
     return value.decode() if isinstance(value, bytes) else str(value)

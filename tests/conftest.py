@@ -6,19 +6,23 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support import ChatClient, GatewayProcess, RedisServer
+from tests.topologies import ClusterFixture
 
 
 class Cluster:
-    """Real gateways on one real Redis, and the clients a test opened on them."""
+    """Real gateways on one real Redis (or a Redis Cluster, each gateway pointed at another
+    node), and the clients a test opened on them."""
 
-    def __init__(self, redis: RedisServer) -> None:
+    def __init__(self, redis: RedisServer | ClusterFixture) -> None:
         self.redis = redis
         self.gateways: list[GatewayProcess] = []
         self.clients: list[ChatClient] = []
 
     async def start(self, count: int = 3, *extra: str) -> list[GatewayProcess]:
+        urls = self.redis.urls
+        first = len(self.gateways)
         new = [
-            GatewayProcess(f"gw-{len(self.gateways) + i + 1}", self.redis.url, *extra)
+            GatewayProcess(f"gw-{first + i + 1}", urls[(first + i) % len(urls)], *extra)
             for i in range(count)
         ]
         self.gateways += new

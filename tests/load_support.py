@@ -246,6 +246,10 @@ class LeanClient:
         self._writer.write(b"%d\n" % number)
         return number
 
+    def command(self, line: str) -> None:
+        """Send a line that is not a message (a command such as ``/join #math``)."""
+        self._writer.write(line.encode() + b"\n")
+
     def unsettled(self) -> int:
         """Messages sent that have neither come back nor been refused yet."""
         return len(self.sent) - len(self.echoes) - len(self.refused)
@@ -285,6 +289,63 @@ class LeanClient:
                     await self._task
             except TimeoutError:
                 self._task.cancel()
+
+
+#: Lines each sender says in :func:`load_room`, and the pause between two (seconds).
+LOAD_LINES = 300
+LOAD_PAUSE = 0.01
+
+
+async def load_room(senders: list[LeanClient], log: MessageLog, count: int = LOAD_LINES) -> None:
+    """Each sender says ``count`` numbered lines, one every LOAD_PAUSE seconds."""
+    for _ in range(count):
+        for sender in senders:
+            sender.say(log)
+        await asyncio.sleep(LOAD_PAUSE)
+
+
+async def users_in(gateways: list[GatewayProcess], room: str, prefix: str) -> list[LeanClient]:
+    """One lean user per gateway, moved to ``room``."""
+    users = [await log_in(g.port, n, f"{prefix}{n}") for n, g in enumerate(gateways)]
+    for user in users:
+        user.command(f"/join {room}")
+    for user in users:
+        assert await user.wait_until(
+            lambda u=user: any(line.startswith(f"* You are in {room}") for _, line in u.other),
+            3 * T,
+        ), user.other
+    return users
+
+
+async def settle_room(users: list[LeanClient], senders: list[LeanClient]) -> None:
+    """Wait until every line the senders said is echoed or refused, and every member has
+    read the last one echoed."""
+    for sender in senders:
+        assert await sender.settle(6 * T), f"{sender.name}: {sender.unsettled()} unsettled"
+    last = max((n for s in senders for n in s.echoes), default=None)
+    assert last is not None, "nothing went through"
+    for user in users:
+        assert await user.wait_until(lambda u=user: last in u.msg_ids, 3 * T), user.name
+
+
+def check_exactly_once(
+    users: list[LeanClient], log: MessageLog, room_senders: list[LeanClient]
+) -> None:
+    """Every user of the room saw the same messages, each once, in the order each sender
+    sent them; every message sent was echoed or refused."""
+    sequences = [list(u.msg_ids) for u in users]
+    for user, seq in zip(users, sequences, strict=True):
+        assert len(seq) == len(set(seq)), f"{user.name} saw a message twice"
+        assert seq == sequences[0], f"{user.name} saw another sequence"
+    for sender in room_senders:
+        own = [n for n in sequences[0] if log.senders[n] is sender]
+        assert own == sorted(own), f"{sender.name}'s lines out of order"
+        echoed = set(sender.echoes)
+        assert set(own) == echoed, f"{sender.name}'s echoes differ from what others saw"
+        assert len(echoed) + len(sender.refused) == len(sender.sent), (
+            f"{sender.name}: {len(sender.sent)} sent, {len(echoed)} echoed, "
+            f"{len(sender.refused)} refused"
+        )
 
 
 async def log_in(port: int, gateway: int, name: str, track_presence: bool = False) -> LeanClient:

@@ -106,6 +106,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def urls(self) -> list[str]:
+        """Where gateways may be pointed: here, the one server."""
+        return [self.url]
+
     async def start(self, port: int | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
