@@ -175,6 +175,8 @@ def sentinel(url: str) -> Connection:
             "socket_connect_timeout": CONNECT_TIMEOUT,
             "socket_timeout": COMMAND_TIMEOUT,
             "password": address.password,
+            # One Sentinel not answering is no reason to wait: the next one is asked.
+            "retry": _never_retrying(),
         },
         password=address.password,
         db=address.db,

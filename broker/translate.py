@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis.exceptions
+from redis.asyncio.sentinel import MasterNotFoundError, SlaveNotFoundError
 
 from broker.errors import BrokerUnavailable
 
@@ -15,6 +16,10 @@ def unavailable_on_error(what: str) -> Iterator[None]:
     """Translate every Redis failure into :class:`BrokerUnavailable` at the package edge."""
     try:
         yield
+    except (MasterNotFoundError, SlaveNotFoundError) as exc:
+        # redis-py appends the whole Sentinel client's repr: keep the sentence only.
+        reason = str(exc).split(" : ", 1)[0]
+        raise BrokerUnavailable(f"{what}: {reason} (no Sentinel answered with one)") from exc
     except (redis.exceptions.RedisError, OSError) as exc:
         raise BrokerUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
 

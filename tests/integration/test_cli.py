@@ -107,3 +107,32 @@ async def test_gateway_unreachable_redis_gives_up_with_one_line() -> None:
     assert "cannot reach Redis at redis://:***@127.0.0.1" in err.splitlines()[-1]
     assert "hunter2" not in err
     assert "Traceback" not in err
+
+
+async def test_unreachable_sentinels_or_a_bad_sentinel_url_give_one_line() -> None:
+    """A Sentinel URL whose Sentinels never answer, or that names no service, is one line on
+    stderr and exit status 1, from the gateway and from chat-admin alike."""
+    port = free_port()
+    unreachable = f"redis+sentinel://:hunter2@127.0.0.1:{port}/chat"
+    status, _, err = await run_cli(
+        "chat-gateway", "--host", "127.0.0.1", "--port", "0", "--redis-url", unreachable,
+        "--redis-wait", "1",
+    )  # fmt: skip
+    assert status == 1
+    last = err.splitlines()[-1]
+    assert f"cannot reach Redis service 'chat' through Sentinel at 127.0.0.1:{port}" in last
+    assert last.endswith("No master found for 'chat' (no Sentinel answered with one)"), last
+    assert "hunter2" not in err
+    assert "Traceback" not in err
+    status, _, err = await run_cli("chat-admin", "--redis-url", unreachable, "who")
+    assert status == 1
+    assert err.startswith("chat-admin: ") and len(err.splitlines()) == 1, err
+    for program in ("chat-gateway", "chat-admin"):
+        status, _, err = await run_cli(
+            program, "--redis-url", f"redis+sentinel://127.0.0.1:{port}", *(
+                ("--port", "0", "--redis-wait", "1") if program == "chat-gateway" else ("who",)
+            )
+        )  # fmt: skip
+        assert status == 1
+        assert "expected /SERVICE or /SERVICE/DB" in err.splitlines()[-1], err
+        assert "Traceback" not in err
