@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.exceptions
 
-from broker import connection, keys, scripts
+from broker import connection, durable, keys, scripts
 from broker.connection import Connection, Mode
 from broker.errors import BrokerUnavailable, EventDecodeError, GatewayIdInUse
 from broker.events import (
@@ -44,11 +44,10 @@ log = logging.getLogger(__name__)
 #: the sender is told its line was not delivered. The other scripts give the same result
 #: when repeated (they change a member or a name only once) and may be retried.
 ONCE_ONLY = frozenset({"publish", "send_to_holder"})
-#: Under Sentinel, every script but these waits for a replica to have its writes (WAIT).
-#: These write nothing a failover must keep: a renewal, activity times, or nothing at all.
+#: Under Sentinel or on a cluster, every script but these waits for a replica to have its
+#: writes (:mod:`broker.durable`). These write nothing a failover must keep: a renewal,
+#: activity times, or nothing at all.
 UNREPLICATED = frozenset({"heartbeat", "touch", "held_by", "send_to_holder"})
-#: Milliseconds a write waits for a replica's acknowledgement under Sentinel.
-REPLICA_WAIT_MS = 500
 #: Stream pages read backwards, at most, to find the last messages among joins and leaves.
 HISTORY_PAGES = 8
 
@@ -194,25 +193,14 @@ class RedisBroker:
 
     async def _run(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
         script = self._scripts[name]
+        client = self._bus if name in ONCE_ONLY else self._commands
         with unavailable_on_error(name):
-            if self.mode is not Mode.SENTINEL or name in UNREPLICATED:
+            if name in UNREPLICATED or self.mode in (Mode.STANDALONE, Mode.EMBEDDED):
                 return await script(keys=keys_, args=args)
-            # Under Sentinel, a write counts once a replica has it: a failover then keeps
-            # it. WAIT runs on the script's own connection, right after it.
-            client = self._bus if name in ONCE_ONLY else self._commands
-            async with client.pipeline(transaction=False) as pipe:
-                await script(keys=keys_, args=args, client=pipe)
-                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS)
-                result, acknowledged = await pipe.execute()
-            if not int(acknowledged) and await self._has_replicas():
-                raise BrokerUnavailable(f"{name}: no replica acknowledged the write in time")
-            return result
-
-    async def _has_replicas(self) -> bool:
-        """Whether the primary has a replica connected (none: nothing to wait for, as
-        nothing could be promoted in its place)."""
-        info = await self._commands.info("replication")
-        return int(info.get("connected_slaves", 0)) > 0
+            # With replicas to fail over to, a write counts once a replica has it.
+            if self.mode is Mode.CLUSTER:
+                return await durable.run_on_cluster(client, script, keys_, args)
+            return await durable.run_on_primary(client, script, keys_, args)
 
     async def ping(self) -> None:
         with unavailable_on_error("ping"):

@@ -1,9 +1,10 @@
 """One gateway's live view of the bus on a Redis Cluster: sharded pub/sub, one connection
-per node that owns a room the gateway hosts (or its inbox).
+per node serving a room the gateway hosts (or its inbox).
 
 Each room's channel lives in the room's slot, so its events are published (``SPUBLISH``, in
-the room's scripts) and read on the node that owns that slot, and a node carries only the
-traffic of its own rooms. The nodes come and go independently:
+the room's scripts) on the primary that owns that slot and read there or, when it has one,
+on its replica (a line read there is on the node a failover promotes): a shard carries only
+the traffic of its own rooms. The nodes come and go independently:
 
 * a slot that migrates to another node ends its subscriptions there: Redis pushes a
   ``sunsubscribe`` for each of its channels;
@@ -27,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -49,6 +50,16 @@ log = logging.getLogger(__name__)
 
 #: Backoff bounds, seconds, while a lost channel waits for its slot's new owner.
 REGAIN_MIN, REGAIN_MAX = 0.05, 1.0
+#: Seconds between two readings of the cluster's map, after which a room read elsewhere
+#: than where it should be (a replica added, or back after a failover) moves there.
+MAP_REFRESH = 5.0
+
+
+async def _connect_read_only(connection: Any) -> None:
+    """Set up a connection to a replica: READONLY, so that it serves its primary's slots."""
+    await connection.on_connect()
+    await connection.send_command("READONLY")
+    await connection.read_response()
 
 
 class _Shard:
@@ -59,6 +70,7 @@ class _Shard:
         self.client = aioredis.Redis(
             host=host,
             port=port,
+            redis_connect_func=_connect_read_only,
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT,
@@ -98,6 +110,7 @@ class ShardedSubscription:
         self._lost: set[str] = set()
         self._regain: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
         self._closed = False
         kwargs = cluster.get_connection_kwargs()
         self._connection_kwargs = {
@@ -116,6 +129,7 @@ class ShardedSubscription:
         await asyncio.gather(
             self._subscribe(self._inbox), *(self._subscribe(keys.room(r).channel) for r in rooms)
         )
+        self._watch = asyncio.create_task(self._follow_map())
 
     async def add(self, room: str) -> None:
         """Subscribe to ``room`` on its node and return once the node confirms it."""
@@ -158,10 +172,11 @@ class ShardedSubscription:
 
     async def close(self) -> None:
         self._closed = True
-        if self._regain is not None:
-            self._regain.cancel()
-            with suppress(asyncio.CancelledError, Exception):
-                await self._regain
+        for task in (self._regain, self._watch):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await task
         shards, self._shards = list(self._shards.values()), {}
         await asyncio.gather(*(shard.close() for shard in shards), *self._closing)
 
@@ -181,10 +196,20 @@ class ShardedSubscription:
             if self._confirming.get(channel) is future:
                 del self._confirming[channel]
 
-    async def _send_subscribe(self, channel: str) -> None:
-        node = self._cluster.get_node_from_key(channel)
-        if node is None:
+    def _node_for(self, channel: str) -> ClusterNode:
+        """Where to read ``channel``: a room on a replica of its slot's primary (a line
+        read there is one the replica has, which a failover keeps), the inbox on the
+        primary (which counts who receives a private message); the primary if it has no
+        replica."""
+        owners = self._cluster.nodes_manager.slots_cache.get(self._cluster.keyslot(channel))
+        if not owners:
             raise BrokerUnavailable(f"no node owns the slot of {channel}")
+        if channel == self._inbox or len(owners) < 2:
+            return owners[0]
+        return owners[1]
+
+    async def _send_subscribe(self, channel: str) -> None:
+        node = self._node_for(channel)
         shard = self._shards.get(node.name)
         if shard is None:
             shard = self._shards[node.name] = _Shard(
@@ -251,6 +276,29 @@ class ShardedSubscription:
                 # Not asked for: the channel's slot has moved to another node.
                 log.info("%s left %s: its slot moved", channel, shard.name)
                 self._lose([channel], shard)
+
+    # -- following the cluster's map ------------------------------------------------------
+
+    async def _follow_map(self) -> None:
+        """Read the map again now and then; move a channel read where it should not be."""
+        while True:
+            await asyncio.sleep(MAP_REFRESH)
+            with suppress(redis.exceptions.RedisError, OSError):
+                await self._cluster.nodes_manager.initialize()
+            for channel, where in list(self._where.items()):
+                if channel in self._confirming or channel in self._lost:
+                    continue
+                try:
+                    node = self._node_for(channel)
+                except BrokerUnavailable:
+                    continue
+                if node.name != where and (shard := self._shards.get(where)) is not None:
+                    log.info("reading %s on %s from now on, not %s", channel, node.name, where)
+                    self._lose([channel], shard)
+                    if shard.channels:
+                        shard.leaving.add(channel)
+                        with suppress(redis.exceptions.RedisError, OSError, AttributeError):
+                            await shard.pubsub.sunsubscribe(channel)
 
     # -- regaining lost channels ---------------------------------------------------------
 

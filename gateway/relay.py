@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 DOWN_NOTICE_DELAY = 1.0
 #: Backoff bounds, seconds, for subscribing again after the link broke.
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
+#: Live events held per room while its gap is replayed, at most: past that they are let
+#: go, and fetched from the room's stream by another round of the replay.
+MAX_HELD_EVENTS = 10_000
 
 
 class Relay:
@@ -65,11 +68,22 @@ class Relay:
         self.up = False
         #: Messages received from the bus (room events and inbox), for ``GET /stats``.
         self.received = 0
+        #: Rooms subscribed again by themselves (on a cluster) whose gap is being replayed:
+        #: the live events held meanwhile (None: too many, replay once more).
+        self._replaying: dict[str, list[RoomEvent] | None] = {}
+        self._replays: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Subscribe and deliver, subscribing again (and replaying) when the link breaks."""
+        try:
+            await self._run()
+        finally:
+            self._stop_replays()
+
+    async def _run(self) -> None:
         delay = RETRY_MIN
         while True:
+            self._stop_replays()  # a new subscription replays every room itself
             try:
                 hosted = [room.key for room in self._rooms]
                 async with self._broker.subscription(self._gateway, hosted) as subscription:
@@ -81,7 +95,7 @@ class Relay:
                     self._service_up()
                     delay = RETRY_MIN
                     async for batch in subscription.batches():
-                        await self._deliver(batch)
+                        self._deliver(batch)
             except BrokerUnavailable as exc:
                 log.warning("bus subscription lost (%s); retrying in %.1fs", exc, delay)
             finally:
@@ -131,21 +145,21 @@ class Relay:
 
     async def _catch_up(self) -> None:
         for room in self._rooms:
-            await self._replay(room)
+            if room.last_event is None:
+                continue
+            missed = await self._broker.events_after(room.key, room.last_event)
+            self._log_replay(room, missed)
+            self._deliver_room(room, missed)
 
-    async def _replay(self, room: Room) -> None:
-        """Deliver what ``room``'s stream holds after the last event delivered."""
-        if room.last_event is None:
-            return
-        missed = await self._broker.events_after(room.key, room.last_event)
+    @staticmethod
+    def _log_replay(room: Room, missed: list[RoomEvent]) -> None:
         if missed:
             log.info("replaying %d event(s) of %s missed while unsubscribed", len(missed),
                      room.key)  # fmt: skip
-        self._deliver_room(room, missed)
 
-    async def _deliver(self, batch: list[Delivery]) -> None:
-        """Deliver a batch; where a room was subscribed again (:class:`Resubscribed`), its
-        gap is replayed first, before anything that came after the marker."""
+    def _deliver(self, batch: list[Delivery]) -> None:
+        """Deliver a batch. A room subscribed again by itself (:class:`Resubscribed`) has
+        its gap replayed in the background, its live events held until that is done."""
         self.received += len(batch)
         by_room: dict[str, list[RoomEvent]] = {}
         for key, event in batch:
@@ -154,14 +168,66 @@ class Relay:
                     self._on_inbox(event)
                 except Exception:
                     log.exception("unexpected error handling %r", event)
+            elif key is None:
+                continue
             elif isinstance(event, Resubscribed):
-                self._deliver_rooms(by_room)
+                self._deliver_rooms(by_room)  # what came before the marker, first
                 by_room = {}
-                if key is not None and (room := self._rooms.get(key)) is not None:
-                    await self._replay(room)
-            elif key is not None:
+                self._start_replay(key)
+            elif key in self._replaying:
+                held = self._replaying[key]
+                if held is not None and len(held) < MAX_HELD_EVENTS:
+                    held.append(event)
+                else:
+                    self._replaying[key] = None
+            else:
                 by_room.setdefault(key, []).append(event)
         self._deliver_rooms(by_room)
+
+    def _start_replay(self, key: str) -> None:
+        if key in self._replaying:  # under way: it must look at the stream once more
+            self._replaying[key] = None
+            return
+        self._replaying[key] = []
+        task = asyncio.create_task(self._replay(key))
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
+
+    async def _replay(self, key: str) -> None:
+        """Deliver what room ``key``'s stream holds after the last event delivered, then
+        the live events held meanwhile; retried until Redis answers (its node may be
+        failing over), while the other rooms go on."""
+        delay = RETRY_MIN
+        while (room := self._rooms.get(key)) is not None:
+            try:
+                missed = (
+                    await self._broker.events_after(key, room.last_event)
+                    if room.last_event is not None
+                    else []
+                )
+            except BrokerUnavailable as exc:
+                log.warning("cannot replay %s yet (%s); retrying in %.1fs", key, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            room = self._rooms.get(key)
+            if room is None:
+                break
+            self._log_replay(room, missed)
+            self._deliver_room(room, missed)
+            held = self._replaying.get(key)
+            if held is None:  # some were let go, or the room was lost again: once more
+                self._replaying[key] = []
+                continue
+            del self._replaying[key]
+            self._deliver_room(room, held)
+            return
+        self._replaying.pop(key, None)
+
+    def _stop_replays(self) -> None:
+        for task in self._replays:
+            task.cancel()
+        self._replaying.clear()
 
     def _deliver_rooms(self, by_room: dict[str, list[RoomEvent]]) -> None:
         for key, events in by_room.items():

@@ -136,7 +136,7 @@ class RedisNode:
         multi-word commands given as separate arguments: ``call("CLUSTER", "NODES")`` is the
         raw text)."""
         async with self.client() as r:
-            return await r.execute_command(*args)
+            return await r.execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def info(self, section: str) -> dict[str, Any]:
         async with self.client() as r:
@@ -355,7 +355,17 @@ class ClusterFixture:
             attached = sum(
                 role == "slave" and master in owners for role, master, _ in topology.values()
             )
-            return attached >= self.primary_count * self.replica_count - down
+            if attached < self.primary_count * self.replica_count - down:
+                return False
+            # What clients are told (CLUSTER SLOTS: primary, then replicas, per slot range)
+            # lists those replicas too, on every node: a client reading from replicas finds
+            # them from the start.
+            for node in self.nodes:
+                if node.alive and not down:
+                    slots = await node.call("CLUSTER", "SLOTS")
+                    if any(len(entry) - 3 < self.replica_count for entry in slots):
+                        return False
+            return True
 
         await poll(probe, timeout, "the cluster is healthy and every node agrees", self.nodes)
 
@@ -568,8 +578,8 @@ class SentinelFixture:
 
         async def ready(sentinel: RedisNode) -> bool:
             async with sentinel.client() as r:
-                replicas = await r.sentinel_slaves(self.service)
-                others = await r.sentinel_sentinels(self.service)
+                replicas: Any = await r.sentinel_slaves(self.service)
+                others: Any = await r.sentinel_sentinels(self.service)
             return (
                 len(replicas) == 1
                 and replicas[0]["port"] == self.replica.port
@@ -592,7 +602,8 @@ class SentinelFixture:
         for sentinel in self.sentinels:
             try:
                 async with sentinel.client() as r:
-                    answers.append(await r.sentinel_get_master_addr_by_name(self.service))
+                    answer: Any = await r.sentinel_get_master_addr_by_name(self.service)
+                    answers.append(answer)
             except NOT_YET:
                 answers.append(None)
         return answers
