@@ -132,7 +132,8 @@ def _gateway_record(gateway: str, instance: str, address: str, started: float, t
 
 
 class RedisBroker:
-    """Rooms, presence and liveness on one Redis (real, or embedded with fakeredis)."""
+    """Rooms, presence and liveness on Redis: one server, a primary watched by Sentinel, or
+    a Redis Cluster (or the embedded fakeredis), the same scripts and keys on each."""
 
     def __init__(self, connection: Connection) -> None:
         """``connection.commands`` serves requests and may retry them after a broken link;
@@ -287,7 +288,9 @@ class RedisBroker:
     async def events_after(self, room: str, event_id: str) -> list[RoomEvent]:
         """Every event of ``room`` still in its stream after ``event_id``, oldest first.
         Under Sentinel, read on the replica the room's live events come from, so that a
-        replay gives nothing a failover could lose."""
+        replay gives nothing a failover could lose. (On a cluster, on the room's primary:
+        a line it has there but its replica had not yet is not lost to the failover that
+        would follow, since every write waits for the replica.)"""
         client = self._connection.replica or self._commands
         with unavailable_on_error("replay"):
             entries = await client.xrange(keys.room(room).stream, min=f"({event_id}")
