@@ -13,7 +13,12 @@ import click
 
 from bench import scenarios
 from bench.load import LoginFailed
-from bench.procs import Cluster, rss_bytes
+from bench.procs import (
+    CLUSTER_NODES,
+    REDIS_KINDS,
+    Cluster,
+    rss_bytes,
+)
 
 
 def _loop_runner() -> tuple[Callable[[Coroutine[Any, Any, Any]], Any], str]:
@@ -30,7 +35,11 @@ def _raise_fd_limit() -> None:
 
 
 def _cpu_line(cpu: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.1f}s" for k, v in cpu.items())
+    line = "  ".join(f"{k} {v:.1f}s" for k, v in cpu.items())
+    nodes = [v for k, v in cpu.items() if k.startswith("redis ")]
+    if len(nodes) > 1:  # a Redis Cluster: each node above, and their sum
+        line += f"  (redis total {sum(nodes):.1f}s)"
+    return line
 
 
 def _print_runs(runs: list[scenarios.Run]) -> None:
@@ -53,6 +62,14 @@ def _print_runs(runs: list[scenarios.Run]) -> None:
     "workload", type=click.Choice(["fixed", "saturation", "idle", "rooms", "flood", "all"])
 )
 @click.option("--gateways", default=3, help="Gateways to start (with their own Redis).")
+@click.option(
+    "--redis",
+    "redis_kind",
+    default="one",
+    type=click.Choice(REDIS_KINDS),
+    help=f"Redis to start: one redis-server, or a Redis Cluster of {CLUSTER_NODES} primaries "
+    f"(gateway n on node n mod {CLUSTER_NODES}, each node's CPU listed as redis N).",
+)
 @click.option("--clients", default=None, type=int, help="Clients (fixed: 300, saturation: 100).")
 @click.option("--senders", default=None, type=int, help="Senders (fixed: 30, saturation: 10).")
 @click.option("--rate", default=10.0, help="fixed: messages a second per sender.")
@@ -67,20 +84,32 @@ def _print_runs(runs: list[scenarios.Run]) -> None:
 @click.option("--big-room", default=300, help="rooms: members of the one big room.")
 @click.option("--json", "json_path", default=None, help="Also write the figures to this file.")
 def main(
-    workload: str, gateways: int, clients: int | None, senders: int | None, rate: float,
-    duration: float, start_rate: float, factor: float, steps: int, step_seconds: float,
-    connections: int, small_rooms: int, room_size: int, big_room: int, json_path: str | None,
+    workload: str, gateways: int, redis_kind: str, clients: int | None, senders: int | None,
+    rate: float, duration: float, start_rate: float, factor: float, steps: int,
+    step_seconds: float, connections: int, small_rooms: int, room_size: int, big_room: int,
+    json_path: str | None,
 ) -> None:  # fmt: skip
-    """Start a redis-server and GATEWAYS chat gateways on loopback, drive them with a
-    load generator, and print latency, throughput, loss and the CPU split."""
+    """Start a redis-server (or a Redis Cluster) and GATEWAYS chat gateways on loopback,
+    drive them with a load generator, and print latency, throughput, loss and the CPU
+    split."""
     _raise_fd_limit()
     run, loop_name = _loop_runner()
     results: dict[str, Any] = {"loop": loop_name, "gateways": gateways}
-    click.echo(f"bench: {gateways} gateway(s), one redis-server, generator on {loop_name}")
+    if redis_kind == "one":
+        click.echo(f"bench: {gateways} gateway(s), one redis-server, generator on {loop_name}")
+    else:
+        results["redis"] = redis_kind
+        click.echo(
+            f"bench: {gateways} gateway(s), a Redis Cluster of {CLUSTER_NODES} primaries, "
+            f"generator on {loop_name}"
+        )
+
+    def start(flags: tuple[str, ...] = ()) -> Cluster:
+        return Cluster.start(gateways, flags=flags, redis=redis_kind)
 
     async def go() -> None:
         if workload in ("fixed", "all"):
-            cluster = Cluster.start(gateways)
+            cluster = start()
             try:
                 r = await scenarios.fixed(cluster, clients or 300, senders or 30, rate, duration)
             finally:
@@ -89,7 +118,7 @@ def main(
             _print_runs([r])
             results["fixed"] = r.as_dict()
         if workload in ("saturation", "all"):
-            cluster = Cluster.start(gateways)
+            cluster = start()
             try:
                 runs, best = await scenarios.saturation(
                     cluster, clients or 100, senders or 10, start_rate, factor, steps,
@@ -112,7 +141,7 @@ def main(
             runs = []
             rss = []
             for flooded in (False, True):
-                cluster = Cluster.start(gateways, flags=flags)
+                cluster = start(flags)
                 try:
                     pid = cluster.pids["gateway 1"]
                     before = rss_bytes(pid)
@@ -133,7 +162,7 @@ def main(
                 "gateway_1_rss_growth_bytes": rss,
             }
         if workload in ("rooms", "all"):
-            cluster = Cluster.start(gateways)
+            cluster = start()
             try:
                 r_rooms = await scenarios.rooms(
                     cluster, small_rooms, room_size, big_room, senders or 30, rate, 1.0,
@@ -149,7 +178,7 @@ def main(
                 )
             results["rooms"] = r_rooms.as_dict()
         if workload in ("idle", "all"):
-            cluster = Cluster.start(gateways)
+            cluster = start()
             try:
                 r_idle = await scenarios.idle(cluster, connections)
             except LoginFailed as exc:

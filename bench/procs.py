@@ -1,5 +1,6 @@
-"""The processes a benchmark runs against: its own redis-server and gateways, or running
-ones; and what they cost (CPU seconds, resident memory) read from /proc."""
+"""The processes a benchmark runs against: its own redis-server (or a 3-primary Redis
+Cluster) and gateways, or running ones; and what they cost (CPU seconds, resident memory)
+read from /proc."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ LOAD_FLAGS = (
     "--log-level", "warning",
 )  # fmt: skip
 
+#: Primaries of the Redis Cluster that ``--redis cluster`` starts (no replicas).
+CLUSTER_NODES = 3
+#: Redis deployments the benchmark can start: one redis-server, or a Redis Cluster.
+REDIS_KINDS = ("one", "cluster")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,7 +59,8 @@ def self_cpu_seconds() -> float:
 
 @dataclass
 class Cluster:
-    """A redis-server and gateways started for the run (or addresses of running ones)."""
+    """A redis-server (or a Redis Cluster's nodes) and gateways started for the run (or
+    addresses of running ones)."""
 
     gateways: list[tuple[str, int]]
     pids: dict[str, int] = field(default_factory=dict)  # label -> pid, for CPU accounting
@@ -63,41 +70,112 @@ class Cluster:
     _dir: str = ""
 
     @classmethod
-    def start(cls, count: int, timeout: float = 30.0, flags: tuple[str, ...] = ()) -> Cluster:
-        """``count`` gateways on a new redis-server, with :data:`LOAD_FLAGS` then ``flags``
-        (a later flag overrides an earlier one)."""
-        redis = shutil.which("redis-server")
-        if redis is None:
+    def start(
+        cls, count: int, timeout: float = 30.0, flags: tuple[str, ...] = (), redis: str = "one"
+    ) -> Cluster:
+        """``count`` gateways on a new redis-server (``redis="one"``) or on a new 3-primary
+        Redis Cluster (``redis="cluster"``: gateway n on node n mod 3), with
+        :data:`LOAD_FLAGS` then ``flags`` (a later flag overrides an earlier one)."""
+        if redis not in REDIS_KINDS:
+            raise ValueError(f"redis must be one of {REDIS_KINDS}, not {redis!r}")
+        server = shutil.which("redis-server")
+        if server is None:
             raise SystemExit("bench: redis-server is not installed (apt-get install redis-server)")
         workdir = tempfile.mkdtemp(prefix="chat-bench-")
         cluster = cls([], _dir=workdir)
+        try:
+            if redis == "cluster":
+                urls = cluster._start_redis_cluster(server, workdir, timeout)
+            else:
+                urls = [cluster._start_redis(server, workdir, timeout)]
+            cluster._start_gateways(count, urls, workdir, timeout, flags)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def _start_redis(self, server: str, workdir: str, timeout: float) -> str:
+        """One redis-server, labelled ``redis``; returns its URL."""
         port = free_port()
         proc = subprocess.Popen(
-            [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        cluster._procs.append(proc)
-        cluster.pids["redis"] = proc.pid
+        self._procs.append(proc)
+        self.pids["redis"] = proc.pid
         _wait_port(port, timeout)
-        url = f"redis://127.0.0.1:{port}/0"
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _start_redis_cluster(self, server: str, workdir: str, timeout: float) -> list[str]:
+        """A Redis Cluster of :data:`CLUSTER_NODES` primaries, each redis-server in its own
+        directory, labelled ``redis 1``..``redis 3``; made by ``redis-cli --cluster create``
+        and waited for until every node says ``cluster_state:ok``. Returns the nodes' URLs."""
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise SystemExit("bench: redis-cli is not installed (apt-get install redis-tools)")
+        ports = []
+        for n in range(CLUSTER_NODES):
+            port, bus_port = free_port(), free_port()
+            node_dir = Path(workdir) / f"redis-{n + 1}"
+            node_dir.mkdir()
+            log = open(node_dir / "redis.log", "wb")  # noqa: SIM115
+            proc = subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(node_dir), "--loglevel", "warning",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", "5000", "--cluster-port", str(bus_port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            self._procs.append(proc)
+            self.pids[f"redis {n + 1}"] = proc.pid
+            ports.append(port)
+        for port in ports:
+            _wait_port(port, timeout)
+        try:
+            made = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                 "--cluster-yes"],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise SystemExit(
+                f"bench: redis-cli --cluster create took over {timeout:.0f}s"
+            ) from None
+        if made.returncode != 0:
+            out = (made.stdout + made.stderr).decode(errors="replace")
+            raise SystemExit(f"bench: redis-cli --cluster create failed:\n{out}")
+        deadline = time.monotonic() + timeout
+        for port in ports:
+            while (info := _cluster_info(cli, port)).get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"bench: the Redis Cluster node on port {port} is not ok after "
+                        f"{timeout:.0f}s: {info}"
+                    )
+                time.sleep(0.05)
+        return [f"redis://127.0.0.1:{port}/0" for port in ports]
+
+    def _start_gateways(
+        self, count: int, urls: list[str], workdir: str, timeout: float, flags: tuple[str, ...]
+    ) -> None:
+        """``count`` gateways, gateway n (from 0) on ``urls[n % len(urls)]``."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CHAT_"))}
         for n in range(count):
             gport, hport = free_port(), free_port()
             log = open(Path(workdir) / f"gw-{n + 1}.log", "wb")  # noqa: SIM115
             gw = subprocess.Popen(
                 [str(BIN / "chat-gateway"), "--host", "127.0.0.1", "--port", str(gport),
-                 "--redis-url", url, "--gateway-id", f"bench-{n + 1}",
+                 "--redis-url", urls[n % len(urls)], "--gateway-id", f"bench-{n + 1}",
                  "--health-port", str(hport), *LOAD_FLAGS, *flags],
                 stdout=subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
-            cluster._procs.append(gw)
-            cluster.pids[f"gateway {n + 1}"] = gw.pid
-            cluster.gateways.append(("127.0.0.1", gport))
-            cluster.health_ports.append(hport)
-        for host, gport in cluster.gateways:
+            self._procs.append(gw)
+            self.pids[f"gateway {n + 1}"] = gw.pid
+            self.gateways.append(("127.0.0.1", gport))
+            self.health_ports.append(hport)
+        for host, gport in self.gateways:
             _wait_port(gport, timeout, host)
-        return cluster
 
     def cpu(self) -> dict[str, float]:
         out = {}
@@ -151,3 +229,15 @@ def _wait_port(port: int, timeout: float, host: str = "127.0.0.1") -> None:
                     f"bench: nothing listens on {host}:{port} after {timeout:.0f}s"
                 ) from None
             time.sleep(0.05)
+
+
+def _cluster_info(cli: str, port: int) -> dict[str, str]:
+    """A Redis Cluster node's ``CLUSTER INFO`` fields (empty if it does not answer)."""
+    try:
+        out = subprocess.run(
+            [cli, "-h", "127.0.0.1", "-p", str(port), "cluster", "info"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=5,
+        ).stdout.decode(errors="replace")  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {}
+    return dict(line.strip().split(":", 1) for line in out.splitlines() if ":" in line)

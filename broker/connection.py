@@ -151,14 +151,28 @@ def standalone(url: str) -> Connection:
     return Connection(Mode.STANDALONE, commands, bus, f"Redis at {redact_url(url)}")
 
 
+class QueueingCluster(RedisCluster):
+    """A cluster client whose commands wait their turn once ``MAX_CONNECTIONS`` are in
+    flight, as the one-Redis pool does (a login storm queues), where redis-py's cluster
+    client would fail the next one with MaxConnectionsError."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Held while a command is in flight; :mod:`broker.durable` takes it too.
+        self.turns = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turns:
+            return await super().execute_command(*args, **kwargs)
+
+
 def _cluster(url: str) -> Connection:
     common = {k: v for k, v in _COMMON.items() if k != "health_check_interval"}
-    commands = RedisCluster.from_url(
-        url, max_connections=MAX_CONNECTIONS, retry=_retrying(), **common
-    )
-    bus = RedisCluster.from_url(
-        url, max_connections=MAX_CONNECTIONS, retry=_never_retrying(), **common
-    )
+    # Per node: the turns bound what is in flight in all; pipelines and the bus's
+    # subscriptions come on top.
+    per_node = 2 * MAX_CONNECTIONS
+    commands = QueueingCluster.from_url(url, max_connections=per_node, retry=_retrying(), **common)
+    bus = QueueingCluster.from_url(url, max_connections=per_node, retry=_never_retrying(), **common)
     return Connection(Mode.CLUSTER, commands, bus, f"Redis Cluster at {redact_url(url)}")
 
 
@@ -235,7 +249,7 @@ async def open_url(url: str, wait: float = 0.0) -> Connection:
         except (redis.exceptions.RedisError, OSError) as exc:
             if loop.time() + delay > deadline:
                 raise BrokerUnavailable(
-                    f"cannot reach Redis at {redact_url(url)}: {exc or type(exc).__name__}"
+                    f"cannot reach Redis at {redact_url(url)}: {str(exc) or type(exc).__name__}"
                 ) from exc
             log.warning("waiting for Redis at %s: %s", redact_url(url), exc)
         await asyncio.sleep(delay)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import redis.exceptions
@@ -50,6 +50,7 @@ async def run_on_cluster(cluster: RedisCluster, script: AsyncScript, keys: Seque
     ``keys``, following the cluster's redirections (none of which ran the script). A node
     without replicas runs the script alone."""
     slot = cluster.keyslot(keys[0])
+    turns = getattr(cluster, "turns", None) or nullcontext()
     asking: ClusterNode | None = None
     for _ in range(MAX_REDIRECTS):
         owners = cluster.nodes_manager.slots_cache.get(slot) or []
@@ -60,7 +61,8 @@ async def run_on_cluster(cluster: RedisCluster, script: AsyncScript, keys: Seque
         commands += [("EVALSHA", script.sha, len(keys), *keys, *args),
                      ("WAIT", 1, REPLICA_WAIT_MS)]  # fmt: skip
         try:
-            *_, result, acknowledged = await _send(node, commands)
+            async with turns:
+                *_, result, acknowledged = await _send(node, commands)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
             # The node may be gone for good (failed over): read the map again for the
             # next call, and let this one fail (the script may have run).

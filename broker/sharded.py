@@ -251,7 +251,8 @@ class ShardedSubscription:
             raise
         except (redis.exceptions.RedisError, OSError) as exc:
             if self._shards.get(shard.name) is shard and not self._closed:
-                log.warning("lost the bus subscription on %s (%s)", shard.name, exc or type(exc))
+                reason = str(exc) or type(exc).__name__
+                log.warning("lost the bus subscription on %s (%s)", shard.name, reason)
                 shard.reader = None  # this task ends here; close() must not await it
                 self._lose(list(shard.channels), shard)
 

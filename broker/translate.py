@@ -21,7 +21,7 @@ def unavailable_on_error(what: str) -> Iterator[None]:
         reason = str(exc).split(" : ", 1)[0]
         raise BrokerUnavailable(f"{what}: {reason} (no Sentinel answered with one)") from exc
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise BrokerUnavailable(f"{what}: {exc or type(exc).__name__}") from exc
+        raise BrokerUnavailable(f"{what}: {str(exc) or type(exc).__name__}") from exc
 
 
 @contextmanager

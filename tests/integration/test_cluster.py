@@ -21,8 +21,10 @@ from tests.load_support import (
     check_exactly_once,
     close_all,
     load_room,
+    log_in_all,
     settle_room,
     users_in,
+    who_names,
 )
 from tests.support import ChatClient, GatewayProcess, T, run_cli
 from tests.topologies import ClusterFixture, RedisNode, room_log_key, slot_of
@@ -144,6 +146,19 @@ async def test_rooms_live_on_the_nodes_owning_their_slots(redis_cluster: Cluster
             assert listed in out
     finally:
         await asyncio.gather(*(c.close() for c in clients))
+        await stop_all(gateways)
+
+
+async def test_a_login_storm_on_a_cluster_waits_its_turn(redis_cluster: ClusterFixture) -> None:
+    """300 logins at once on one gateway: far more commands in flight than connections a
+    node (32), yet every login gets in, queued as on one Redis, none refused."""
+    gateways = await start_gateways(redis_cluster, *LOAD_FLAGS)
+    users: list[LeanClient] = []
+    try:
+        users = await log_in_all(gateways, [(0, f"s{n}") for n in range(300)], concurrency=300)
+        assert len(await who_names(redis_cluster.url)) == 300
+    finally:
+        await close_all(users)
         await stop_all(gateways)
 
 
