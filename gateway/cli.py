@@ -7,14 +7,16 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import click
 
 from broker import BrokerError, connect
 from gateway.config import GatewayConfig
-from gateway.errors import StartupError
+from gateway.errors import StartupError, TlsError
 from gateway.server import Gateway
+from gateway.tls import quiet_handshake_failures, server_tls
 
 log = logging.getLogger("gateway")
 
@@ -49,17 +51,24 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def serve(config: GatewayConfig) -> None:
-    """Run a gateway until SIGTERM or SIGINT, then drain it."""
+    """Run a gateway until SIGTERM or SIGINT, then drain it; with TLS, SIGHUP reloads
+    its certificate and key."""
+    # A certificate that cannot be served stops the start here, before any wait for Redis.
+    tls = server_tls(config)
     broker = await connect(config.redis_url, config.redis_wait)
     if not config.redis_url:
         log.info(
             "no Redis configured (--redis-url or REDIS_URL): running alone on the embedded "
             "in-process broker"
         )
-    gateway = Gateway(config, broker)
+    gateway = Gateway(config, broker, tls)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.request_stop)
+    if tls is not None:
+        # Renewed certificates: new handshakes get them, nobody connected is dropped.
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        quiet_handshake_failures(loop)
     await gateway.run()
 
 
@@ -97,6 +106,34 @@ async def serve(config: GatewayConfig) -> None:
     default=None,
     type=click.IntRange(0, 65535),
     help="Serve GET /health on this port: 200 while connected to Redis, else 503.  [default: off]",
+)
+@click.option(
+    "--tls-port",
+    envvar="CHAT_TLS_PORT",
+    show_envvar=True,
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Also serve the chat over TLS on this port (6697 is the custom: IRC's TLS port "
+    "beside 6667; 0: any free port). Needs --tls-cert and --tls-key.  [default: off]",
+)
+@click.option(
+    "--tls-cert",
+    envvar="CHAT_TLS_CERT",
+    show_envvar=True,
+    default=None,
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="PEM certificate for --tls-port, followed by its chain's intermediates if any. "
+    "Read at start and again on SIGHUP.",
+)
+@click.option(
+    "--tls-key",
+    envvar="CHAT_TLS_KEY",
+    show_envvar=True,
+    default=None,
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="The certificate's PEM private key, unencrypted. Read at start and again on SIGHUP.",
 )
 @click.option(
     "--redis-wait",
@@ -181,6 +218,9 @@ def main(
     redis_url: str | None,
     gateway_id: str | None,
     health_port: int | None,
+    tls_port: int | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     redis_wait: float,
     history: int,
     notice_limit: int,
@@ -192,7 +232,8 @@ def main(
     log_level: str,
 ) -> None:
     """Run a chat gateway: a TCP server for the line protocol (see PROTOCOL.md) that shares
-    one chat room with every other gateway on the same Redis."""
+    one chat room with every other gateway on the same Redis, and with --tls-port the same
+    protocol over TLS. SIGTERM drains it; SIGHUP reloads the TLS certificate and key."""
     config = GatewayConfig(
         host=host,
         port=port,
@@ -200,6 +241,9 @@ def main(
         gateway_id=gateway_id or "",
         redis_wait=redis_wait,
         health_port=health_port,
+        tls_port=tls_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         history=history,
         notice_limit=notice_limit,
         rate_limit=rate_limit,
@@ -210,9 +254,11 @@ def main(
         keepalive_interval=keepalive[1],
         keepalive_count=keepalive[2],
     )
+    if problem := config.tls_problem():
+        raise click.UsageError(problem)
     configure_logging(log_level, config.resolved_id())
     try:
         run_loop(serve(config))
-    except (StartupError, BrokerError) as exc:
+    except (StartupError, TlsError, BrokerError) as exc:
         log.error("%s", exc)
         sys.exit(1)

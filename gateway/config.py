@@ -117,6 +117,11 @@ class GatewayConfig:
     gateway_id: str = ""
     #: Port of the HTTP health endpoint (GET /health); None: no endpoint.
     health_port: int | None = None
+    #: Port of a second listener serving the same protocol over TLS (None: none), and the
+    #: PEM certificate (chain) and unencrypted key it serves, read again on SIGHUP.
+    tls_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     #: Messages a new user is shown on joining (0: none); also what a bare /history shows.
     history: int = 20
     #: Local members past which others' joins and leaves are summarised once a second
@@ -153,3 +158,21 @@ class GatewayConfig:
 
     def resolved_id(self) -> str:
         return self.gateway_id or default_gateway_id()
+
+    def tls_problem(self) -> str | None:
+        """What is wrong with the TLS settings, in one line for the operator; None if
+        nothing is (TLS off, or a port with its certificate and key)."""
+        if self.tls_port is None:
+            if self.tls_cert is not None or self.tls_key is not None:
+                return "--tls-cert and --tls-key are for --tls-port, which is not set"
+            return None
+        missing = [
+            flag
+            for flag, value in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key))
+            if value is None
+        ]
+        if missing:
+            return f"--tls-port needs {' and '.join(missing)}"
+        if self.tls_port == self.port != 0:
+            return f"--tls-port and --port are both {self.port}: TLS needs a port of its own"
+        return None

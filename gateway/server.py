@@ -2,17 +2,22 @@
 
 Lifecycle::
 
-    start:    bind the port -> register as live -> subscribe to the bus -> accept clients
+    start:    bind the port (and the TLS port) -> register as live -> subscribe to the
+              bus -> accept clients
     running:  relay (bus -> local rooms), liveness (renew, reap dead peers), publisher,
               command handlers
-    shutdown: stop accepting -> tell clients -> stop command handlers -> publish what
-              clients sent -> announce their leaves and drop presence -> close
+    shutdown: stop accepting (on every port) -> tell clients -> stop command handlers ->
+              publish what clients sent -> announce their leaves and drop presence -> close
               connections (grace period, then cut) -> stop background tasks -> close Redis
 
 Each concern has its module: :mod:`gateway.relay` (the bus), :mod:`gateway.rooms` (fan-out),
 :mod:`gateway.liveness` (heartbeat, reaping, recovery), :mod:`gateway.commands` (commands
 and moves), :mod:`gateway.publisher` (outgoing traffic). :meth:`Gateway.shutdown` is safe to
 call more than once; later calls wait for the first.
+
+With ``--tls-port`` a second listener serves the same protocol over TLS
+(:mod:`gateway.tls`): the same :class:`Session` behind the handshake, the same rooms,
+limits and drain; a TLS client is one more connection like any other.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import itertools
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -61,6 +67,7 @@ from gateway.publisher import Publisher
 from gateway.relay import RETRY_MAX, RETRY_MIN, Relay
 from gateway.rooms import Rooms
 from gateway.session import Session
+from gateway.tls import HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ServerTls, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,11 @@ BACKLOG = 1024
 class Gateway:
     """One gateway process's service. Create, then ``await run()``."""
 
-    def __init__(self, config: GatewayConfig, broker: RedisBroker) -> None:
+    def __init__(
+        self, config: GatewayConfig, broker: RedisBroker, tls: ServerTls | None = None
+    ) -> None:
+        """``tls``: the certificate for ``config.tls_port``, loaded already (by the CLI, to
+        fail before waiting for Redis); loaded at start from ``config`` when not given."""
         self.config = config
         self.id = config.resolved_id()
         self.instance = secrets.token_hex(6)
@@ -99,7 +110,11 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
+        self.tls = tls
+        #: The TLS port bound (the configured one, or the one picked for port 0); 0: none.
+        self.tls_port = 0
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
         self._health = HealthServer(self.health, self.stats)
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
@@ -121,20 +136,11 @@ class Gateway:
         self._stop.set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            self._server = await loop.create_server(
-                self._new_session,
-                self.config.host,
-                self.config.port,
-                backlog=BACKLOG,
-                reuse_address=True,
-                start_serving=False,
-            )
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
-            ) from exc
+        self._server = await self._listen(self.config.port)
+        if self.config.tls_port is not None:
+            self.tls = self.tls or server_tls(self.config)
+            assert self.tls is not None, "config.tls_problem() should have said why"
+            self._tls_server = await self._listen(self.config.tls_port, self.tls.context)
         host, port = self._server.sockets[0].getsockname()[:2]
         shown_host = socket.gethostname() if host in ("0.0.0.0", "::") else host
         self.address = f"{shown_host}:{port}"
@@ -152,6 +158,10 @@ class Gateway:
             ) from None
         await self._server.start_serving()
         log.info("listening on %s:%d (%s)", host, port, self.broker.description)
+        if self._tls_server is not None:
+            await self._tls_server.start_serving()
+            self.tls_port = self._tls_server.sockets[0].getsockname()[1]
+            log.info("listening for TLS on %s:%d", host, self.tls_port)
         if self.config.health_port is not None:
             try:
                 bound = await self._health.start(self.config.host, self.config.health_port)
@@ -160,6 +170,32 @@ class Gateway:
                     f"cannot serve health on port {self.config.health_port}: {exc.strerror}"
                 ) from exc
             log.info("health endpoint on %s:%d", host, bound)
+
+    async def _listen(self, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
+        """Bind ``port`` for clients (over TLS with ``tls``), not accepting yet."""
+        loop = asyncio.get_running_loop()
+        tls_options: dict[str, Any] = {}
+        if tls is not None:  # (the TLS timeouts are refused without a context)
+            tls_options = {
+                "ssl": tls,
+                "ssl_handshake_timeout": HANDSHAKE_TIMEOUT,
+                "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT,
+            }
+        try:
+            return await loop.create_server(
+                self._new_session,
+                self.config.host,
+                port,
+                backlog=BACKLOG,
+                reuse_address=True,
+                start_serving=False,
+                **tls_options,
+            )
+        except OSError as exc:
+            what = " for TLS" if tls is not None else ""
+            raise StartupError(
+                f"cannot listen{what} on {self.config.host}:{port}: {exc.strerror or exc}"
+            ) from exc
 
     def health(self) -> tuple[bool, str]:
         """(healthy, why): live in Redis recently and subscribed to the bus."""
@@ -194,8 +230,9 @@ class Gateway:
         self._stopping = True
         grace = self.config.shutdown_grace
         await self._health.close()
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.close()
         sessions = list(self._sessions)
         log.info("shutting down: %d client(s) connected", len(sessions))
         for session in sessions:
@@ -221,8 +258,9 @@ class Gateway:
                 for session in list(self._sessions):
                     session.abort()
         await self._cancel(self._tasks | set(self._background))
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                await server.wait_closed()
         await self.broker.close()
         log.info("stopped")
 
@@ -335,6 +373,11 @@ class Gateway:
     def session_started(self, session: Session) -> None:
         config = self.config
         address = session.address
+        if self._stopping:
+            # A TLS handshake under way when the listeners closed finishes after the
+            # clients were told: this one is told too, and not counted.
+            session.refuse(RESTART_TEXT, notice=True)
+            return
         if config.max_clients and len(self._sessions) >= config.max_clients:
             log.warning("refused %s: %d connections already", session.peer, len(self._sessions))
             session.refuse(SERVER_FULL_TEXT)
@@ -349,7 +392,8 @@ class Gateway:
         session.set_keepalive(
             config.keepalive_idle, config.keepalive_interval, config.keepalive_count
         )
-        log.info("connection %s from %s", session.id, session.peer)
+        over = " over TLS" if session.tls else ""
+        log.info("connection %s from %s%s", session.id, session.peer, over)
 
     def session_ended(self, session: Session) -> None:
         if session not in self._sessions:

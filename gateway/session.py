@@ -75,6 +75,7 @@ class Session(asyncio.Protocol):
         "joined",
         "key",
         "peer",
+        "tls",
     )
 
     def __init__(
@@ -103,6 +104,8 @@ class Session(asyncio.Protocol):
         self.joined = False
         #: True once the transport is gone.
         self.closed = False
+        #: True on the TLS port (the handshake is done by the time the session starts).
+        self.tls = False
 
     @property
     def address(self) -> str:
@@ -130,6 +133,7 @@ class Session(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.tls = transport.get_extra_info("ssl_object") is not None
         self._hub.session_started(self)
         self._flush()
 
@@ -140,7 +144,10 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._proto.receive_eof()
         self._process()
-        return True  # we close once every line sent before the EOF is answered
+        # We close once every line sent before the EOF is answered. TLS has no half-open
+        # connection: its transport closes after an EOF whatever we answer (and logs a
+        # warning if we ask it to stay open).
+        return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -336,10 +343,14 @@ class Session(asyncio.Protocol):
             socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000
         )
 
-    def refuse(self, reason: str) -> None:
-        """Turn the connection away before it starts: a ``! `` line, then close."""
+    def refuse(self, reason: str, *, notice: bool = False) -> None:
+        """Turn the connection away before it starts: a ``! `` line (a ``* `` line with
+        ``notice``), then close."""
         self._proto.data_to_send()  # the prompt is not sent
-        self._proto.send_error(reason)
+        if notice:
+            self._proto.send_notice(reason)
+        else:
+            self._proto.send_error(reason)
         self._proto.close()
         self._closing = True
         self._flush()
