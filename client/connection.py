@@ -1,17 +1,37 @@
-"""One TCP connection to a gateway: the thin asyncio layer under :class:`ClientProtocol`."""
+"""One TCP connection to a gateway, plain or TLS: the thin asyncio layer under
+:class:`ClientProtocol`."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import suppress
+from pathlib import Path
 
 from client.errors import ConnectFailed
 from client.protocol import ClientProtocol, Event
 
-#: Seconds to wait for a TCP connection before calling the gateway unreachable.
+#: Seconds to wait for a TCP connection (and its TLS handshake) before calling the gateway
+#: unreachable.
 CONNECT_TIMEOUT = 10.0
+#: OpenSSL's verification results that mean "signed by a CA you do not trust", which a
+#: private CA's file given to --tls-ca cures: unable to get the issuer certificate (2, 20),
+#: self-signed (18, 19).
+_UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20})
+
+
+def tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """A client context that checks the gateway's certificate against the system's CAs and
+    those in ``ca_file`` (PEM), and its host name. OSError (ssl.SSLError included) if
+    ``ca_file`` cannot be read or holds no certificate."""
+    context = ssl.create_default_context()  # verifies the chain and the host name
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
 #: Keepalive: probe after 30 s idle, every 10 s, give up after 3 misses, so a vanished
 #: gateway or a dead network path is noticed in about a minute even when the chat is quiet.
 KEEPALIVE = (30, 10, 3)
@@ -29,12 +49,27 @@ def _keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-async def connect(host: str, port: int, connect_timeout: float = CONNECT_TIMEOUT) -> Connection:
-    """Connect to ``host:port``; :class:`ConnectFailed` says why not, in one line."""
+async def connect(
+    host: str,
+    port: int,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+) -> Connection:
+    """Connect to ``host:port``, over TLS with ``tls`` (the certificate checked for
+    ``host``); :class:`ConnectFailed` says why not, in one line."""
     where = f"{host}:{port}"
     try:
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+            reader, writer = await asyncio.open_connection(host, port, limit=1 << 16, ssl=tls)
+    except ssl.SSLCertVerificationError as exc:
+        hint = "; --tls-ca FILE adds a CA to trust" if exc.verify_code in _UNTRUSTED_ISSUER else ""
+        raise ConnectFailed(
+            f"the TLS certificate of {where} was refused: {exc.verify_message}{hint}"
+        ) from None
+    except ssl.SSLError as exc:
+        raise ConnectFailed(
+            f"TLS handshake with {where} failed ({exc.reason or exc}): is it a TLS port?"
+        ) from None
     except socket.gaierror as exc:
         raise ConnectFailed(f"cannot find host {host!r}: {exc.strerror}") from None
     except ConnectionRefusedError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -106,8 +107,11 @@ class ChatSession:
         interactive: bool,
         give_up_after: float = 300.0,
         backoff: Backoff | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: connect (and reconnect) over TLS with this context."""
         self.host, self.port, self.name = host, port, name
+        self.tls = tls
         self.ui = ui
         #: A person at a terminal can be asked for another name and quits at once; a pipe
         #: cannot be asked, and waits for the room to answer its last lines before quitting.
@@ -131,7 +135,7 @@ class ChatSession:
 
     async def run(self) -> int:
         try:
-            conn: Connection | None = await connect(self.host, self.port)
+            conn: Connection | None = await connect(self.host, self.port, tls=self.tls)
             while conn is not None:
                 try:
                     outcome = await self._serve(conn)
@@ -284,7 +288,7 @@ class ChatSession:
                 except TimeoutError:
                     pass
             try:
-                conn = await connect(self.host, self.port)
+                conn = await connect(self.host, self.port, tls=self.tls)
             except ConnectFailed as exc:
                 if loop.time() >= give_up_at:
                     raise ConnectFailed(f"gave up reconnecting: {exc}") from None
