@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -154,6 +155,7 @@ class GatewayProcess:
         self.extra = extra
         self.port = 0
         self.health_port = 0
+        self.tls_port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log: LogWatcher | None = None
 
@@ -170,6 +172,9 @@ class GatewayProcess:
         self.log = LogWatcher(self.proc.stderr, f"gateway {self.gateway_id}")
         match = await self.log.wait_for(r"listening on [\d.]+:(\d+)")
         self.port = int(match.group(1))
+        if "--tls-port" in self.extra:
+            match = await self.log.wait_for(r"listening for TLS on [\d.]+:(\d+)")
+            self.tls_port = int(match.group(1))
         if "--health-port" in self.extra:
             match = await self.log.wait_for(r"health endpoint on [\d.]+:(\d+)")
             self.health_port = int(match.group(1))
@@ -208,13 +213,27 @@ class ChatClient:
         self.name: str | None = None
 
     @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None) -> ChatClient:
+    async def connect(
+        cls,
+        port: int,
+        rcvbuf: int | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str = "localhost",
+    ) -> ChatClient:
+        """Connect to ``port`` on loopback; with ``tls``, over TLS, checking the server's
+        certificate for ``server_hostname`` (as far as ``tls`` checks it)."""
         sock = socket.socket()
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        if tls is None:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+        else:
+            async with asyncio.timeout(T):
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, limit=1 << 20, ssl=tls, server_hostname=server_hostname
+                )
         return cls(reader, writer)
 
     async def send(self, line: str | bytes) -> None:
