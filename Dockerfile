@@ -53,8 +53,10 @@ ENV PATH="/opt/venv/bin:${PATH}" \
 
 USER 10001:10001
 
-# 5555: the chat protocol (PROTOCOL.md); 8080: GET /health for load balancers and probes.
-EXPOSE 5555 8080
+# 5555: the chat protocol (PROTOCOL.md); 6697: the same over TLS, once --tls-port 6697 (or
+# CHAT_TLS_PORT) and a certificate are given (docker-compose.tls.yml); 8080: GET /health for
+# load balancers and probes.
+EXPOSE 5555 6697 8080
 
 # Healthy while the gateway is live in Redis and subscribed to the room (gateway/health.py).
 # start-period covers the gateway's default --redis-wait of 30 s at start-up.

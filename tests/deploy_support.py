@@ -15,7 +15,7 @@ import shlex
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+#: The override that turns TLS on (README.md, "Encrypted connections (TLS)").
+COMPOSE_TLS_FILE = ROOT / "docker-compose.tls.yml"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
 #: Shared files sit beside the repository, in a fresh clone as in a work tree.
 COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
@@ -154,39 +156,26 @@ def _substitute(pattern: str, replace: str, text: str, what: str) -> str:
     return new
 
 
-def loopback_haproxy_config(
-    text: str, frontend_port: int, servers: Sequence[tuple[int, int]], check_inter: str = "500ms"
-) -> str:
-    """deploy/haproxy.cfg made to run on this host in front of local gateways.
+#: One section of an HAProxy configuration: its indented (and blank) lines after the header.
+_SECTION = r"(?:[ \t]+.*\n|[ \t]*\n)*"
 
-    ``servers`` are (chat port, health port) pairs. Only what cannot work outside Docker
-    changes; mode, balance, timeouts, retries and the health check stay as they are:
 
-    * the chat frontend binds ``127.0.0.1:frontend_port`` instead of every address, and
-      the load balancer's own health frontend (``monitor``, for Docker) goes;
-    * the DNS-filled ``server-template`` becomes one ``server`` per gateway with the same
-      parameters, minus the DNS ones (resolvers, resolve-*, init-addr), checking each
-      gateway's own health port; the ``resolvers`` section goes;
-    * checks run every ``check_inter`` so a test sees state changes quickly;
-    * a global ``maxconn`` of 1000: HAProxy would otherwise size itself from this host's
-      descriptor limit (the container gets 65536 from docker-compose.yml).
-    """
-    section = r"(?:[ \t]+.*\n|[ \t]*\n)*"
-    text = _substitute(rf"^resolvers \S+\n{section}", "", text, "resolvers section")
-    text = _substitute(rf"^frontend monitor\n{section}", "", text, "monitor frontend")
-    text = _substitute(
-        r"^([ \t]+bind[ \t]+)\S*:\d+", rf"\g<1>127.0.0.1:{frontend_port}", text, "bind line"
-    )
-    text = _substitute(r"^global\n", "global\n    maxconn 1000\n", text, "global section")
-    text = _substitute(
-        r"^([ \t]+default-server\b.*\binter[ \t]+)\S+",
-        rf"\g<1>{check_inter}",
-        text,
-        "default-server line with `inter`",
-    )
+def _in_section(text: str, header: str, change: Callable[[str], str]) -> str:
+    """``text`` with the section headed ``header`` (e.g. ``frontend chat``) changed."""
+    match = re.search(rf"^{re.escape(header)}\n{_SECTION}", text, flags=re.MULTILINE)
+    if match is None:
+        raise AssertionError(
+            f"deploy/haproxy.cfg: no `{header}` section; "
+            "update loopback_haproxy_config() to the config's new shape"
+        )
+    return text[: match.start()] + change(match.group(0)) + text[match.end() :]
 
+
+def _local_servers(body: str, servers: Sequence[tuple[int, int]]) -> str:
+    """A backend's DNS-filled ``server-template`` as one ``server`` per local gateway:
+    same parameters minus the DNS ones, checking each gateway's own health port."""
     template = re.search(
-        r"^([ \t]+)server-template[ \t]+(\S+)[ \t]+\S+[ \t]+\S+(.*)$", text, flags=re.MULTILINE
+        r"^([ \t]+)server-template[ \t]+(\S+)[ \t]+\S+[ \t]+\S+(.*)$", body, flags=re.MULTILINE
     )
     if template is None:
         raise AssertionError("deploy/haproxy.cfg: no server-template line to replace")
@@ -201,7 +190,76 @@ def loopback_haproxy_config(
         + re.sub(check_port, f"port {health_port}", params)
         for i, (port, health_port) in enumerate(servers, 1)
     ]
-    return text[: template.start()] + "\n".join(lines) + text[template.end() :]
+    return body[: template.start()] + "\n".join(lines) + body[template.end() :]
+
+
+def _local_bind(port: int) -> Callable[[str], str]:
+    return lambda body: _substitute(
+        r"^([ \t]+bind[ \t]+)\S*:\d+", rf"\g<1>127.0.0.1:{port}", body, "bind line"
+    )
+
+
+def loopback_haproxy_config(
+    text: str,
+    frontend_port: int,
+    servers: Sequence[tuple[int, int]],
+    check_inter: str = "500ms",
+    tls: tuple[int, Sequence[int]] | None = None,
+) -> str:
+    """deploy/haproxy.cfg made to run on this host in front of local gateways.
+
+    ``servers`` are (chat port, health port) pairs; ``tls``, if the gateways serve TLS, is
+    the TLS frontend's port and each gateway's TLS port (in the order of ``servers``).
+    Only what cannot work outside Docker changes; mode, balance, timeouts, retries and the
+    health check stay as they are:
+
+    * the chat frontend binds ``127.0.0.1:frontend_port`` instead of every address (the TLS
+      frontend ``127.0.0.1`` and its port), and the load balancer's own health frontend
+      (``monitor``, for Docker) goes; without ``tls`` the TLS frontend and its backend go;
+    * each backend's DNS-filled ``server-template`` becomes one ``server`` per gateway with
+      the same parameters, minus the DNS ones (resolvers, resolve-*, init-addr), checking
+      each gateway's own health port; the ``resolvers`` section goes;
+    * checks run every ``check_inter`` so a test sees state changes quickly;
+    * a global ``maxconn`` of 1000: HAProxy would otherwise size itself from this host's
+      descriptor limit (the container gets 65536 from docker-compose.yml).
+    """
+    text = _substitute(rf"^resolvers \S+\n{_SECTION}", "", text, "resolvers section")
+    text = _substitute(rf"^frontend monitor\n{_SECTION}", "", text, "monitor frontend")
+    text = _substitute(r"^global\n", "global\n    maxconn 1000\n", text, "global section")
+    text = _in_section(text, "frontend chat", _local_bind(frontend_port))
+    text = _in_section(text, "backend gateways", lambda body: _local_servers(body, servers))
+    if tls is None:
+        text = _substitute(rf"^frontend chat_tls\n{_SECTION}", "", text, "TLS frontend")
+        text = _substitute(rf"^backend gateways_tls\n{_SECTION}", "", text, "TLS backend")
+    else:
+        tls_frontend_port, tls_ports = tls
+        assert len(tls_ports) == len(servers), (tls_ports, servers)
+        tls_servers = [(port, health) for port, (_, health) in zip(tls_ports, servers, strict=True)]
+        text = _in_section(text, "frontend chat_tls", _local_bind(tls_frontend_port))
+        text = _in_section(
+            text, "backend gateways_tls", lambda body: _local_servers(body, tls_servers)
+        )
+    text, count = re.subn(
+        r"^([ \t]+default-server\b.*\binter[ \t]+)\S+",
+        rf"\g<1>{check_inter}",
+        text,
+        flags=re.MULTILINE,
+    )
+    if count == 0:
+        raise AssertionError("deploy/haproxy.cfg: no default-server line with `inter`")
+    return text
+
+
+def haproxy_servers(config: str) -> list[str]:
+    """Every ``backend/server`` of an HAProxy configuration (no templates left)."""
+    names = []
+    backend = ""
+    for line in config.splitlines():
+        if header := re.match(r"^backend[ \t]+(\S+)", line):
+            backend = header.group(1)
+        elif server := re.match(r"^[ \t]+server[ \t]+(\S+)", line):
+            names.append(f"{backend}/{server.group(1)}")
+    return names
 
 
 class HaproxyProcess:
@@ -215,8 +273,8 @@ class HaproxyProcess:
         self._dir = Path(tempfile.mkdtemp(prefix="chat-haproxy-"))
 
     async def start(self, servers: Sequence[str]) -> None:
-        """Start; return once each of ``servers`` (names) has passed its first health check,
-        which happens after the frontend is bound."""
+        """Start; return once each of ``servers`` (``backend/server`` names) has passed its
+        first health check, which happens after the frontends are bound."""
         path = self._dir / "haproxy.cfg"
         path.write_text(self.config)
         self.proc = await asyncio.create_subprocess_exec(
@@ -227,7 +285,7 @@ class HaproxyProcess:
         assert self.proc.stdout is not None
         self.log = LogWatcher(self.proc.stdout, f"haproxy :{self.port}")
         for name in servers:
-            await self.wait_for_log(rf"Health check for server \S+/{name} succeeded")
+            await self.wait_for_log(rf"Health check for server {re.escape(name)} succeeded")
 
     async def wait_for_log(self, pattern: str, timeout: float = 3 * T) -> re.Match[str]:
         assert self.log is not None
@@ -261,12 +319,15 @@ class HaproxyProcess:
 
 @asynccontextmanager
 async def running_haproxy(
-    frontend_port: int, servers: Sequence[tuple[int, int]]
+    frontend_port: int,
+    servers: Sequence[tuple[int, int]],
+    tls: tuple[int, Sequence[int]] | None = None,
 ) -> AsyncIterator[HaproxyProcess]:
     """The loopback variant of deploy/haproxy.cfg in front of ``servers`` (chat port,
-    health port), ready once every server has passed a health check; stopped on exit."""
-    config = loopback_haproxy_config(HAPROXY_CFG.read_text(), frontend_port, servers)
-    names = re.findall(r"^[ \t]+server[ \t]+(\S+)", config, flags=re.MULTILINE)
+    health port; ``tls``: see :func:`loopback_haproxy_config`), ready once every server has
+    passed a health check; stopped on exit."""
+    config = loopback_haproxy_config(HAPROXY_CFG.read_text(), frontend_port, servers, tls=tls)
+    names = haproxy_servers(config)
     lb = HaproxyProcess(config, frontend_port)
     try:
         await lb.start(names)

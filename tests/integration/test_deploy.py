@@ -14,6 +14,7 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -24,9 +25,11 @@ from tests.conftest import Cluster
 from tests.deploy_support import (
     COMPOSE_FILE,
     COMPOSE_SCHEMA,
+    COMPOSE_TLS_FILE,
     DOCKERFILE,
     DOCKERIGNORE,
     HAPROXY_CFG,
+    ROOT,
     HaproxyProcess,
     Instruction,
     compose_duration,
@@ -38,6 +41,7 @@ from tests.deploy_support import (
     running_haproxy,
 )
 from tests.support import ChatClient, T, free_port, run_cli
+from tests.tls_support import Certificates
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +53,24 @@ RECONNECT_ATTEMPTS = 5
 def compose() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
     return loaded
+
+
+def compose_tls() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE_TLS_FILE.read_text())
+    return loaded
+
+
+def haproxy_section(header: str) -> list[str]:
+    """The settings of one section of deploy/haproxy.cfg (``frontend chat``), comments and
+    blank lines left out."""
+    match = re.search(
+        rf"^{re.escape(header)}\n((?:[ \t]+.*\n|[ \t]*\n)*)",
+        HAPROXY_CFG.read_text(),
+        flags=re.MULTILINE,
+    )
+    assert match is not None, f"deploy/haproxy.cfg has no `{header}`"
+    lines = [line.split("#", 1)[0].strip() for line in match.group(1).splitlines()]
+    return [line for line in lines if line]
 
 
 def final_stage() -> list[Instruction]:
@@ -191,6 +213,52 @@ def test_compose_and_haproxy_cfg_agree() -> None:
     assert "init-addr none" in params
 
 
+def test_compose_tls_override_is_valid_and_off_by_default() -> None:
+    """docker-compose.tls.yml validates against the Compose Specification and only adds
+    to the gateway and lb services; without it no gateway is given TLS settings and no
+    TLS port is published, so the default stack needs no certificate."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(compose_tls()))
+    assert not errors, "\n".join(e.message for e in errors)
+    assert set(compose_tls()["services"]) == {"gateway", "lb"}
+    for name, service in compose()["services"].items():
+        assert not any(k.startswith("CHAT_TLS") for k in compose_environment(service)), name
+    assert published_ports(compose()["services"]["lb"]) == [("5555", "5555")]
+
+
+def test_compose_tls_override_agrees_with_haproxy_cfg() -> None:
+    """With the override the gateways serve TLS on the port HAProxy's TLS backend connects
+    to, from a certificate and key on a read-only mount, and the lb publishes HAProxy's
+    TLS frontend (6697 unless CHAT_TLS_PORT says otherwise) beside 5555."""
+    gateway, lb = compose_tls()["services"]["gateway"], compose_tls()["services"]["lb"]
+    env = compose_environment(gateway)
+    template = next(s for s in haproxy_section("backend gateways_tls") if "server-template" in s)
+    host_port = re.search(r"\s([^:\s]+):(\d+)\s", template)
+    assert host_port is not None, template
+    assert host_port.groups() == ("gateway", env["CHAT_TLS_PORT"])
+    assert env["CHAT_TLS_PORT"] in gateway["expose"]
+    (mount,) = gateway["volumes"]
+    source, target, mode = mount.split(":")
+    assert source == "./deploy/tls" and mode == "ro"
+    for key in ("CHAT_TLS_CERT", "CHAT_TLS_KEY"):
+        assert env[key].startswith(target + "/"), env
+    (bind,) = [s for s in haproxy_section("frontend chat_tls") if s.startswith("bind ")]
+    assert published_ports(lb) == [("6697", bind.rsplit(":", 1)[1])]
+    assert lb["ports"] == ["${CHAT_TLS_PORT:-6697}:6697"]
+    assert "deploy/tls/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_haproxy_cfg_passes_tls_through_to_the_gateways_as_it_routes_5555() -> None:
+    """The TLS frontend is TCP passthrough (no certificate in HAProxy: TLS ends at the
+    gateways), and its backend picks and checks the gateways exactly as the plain one
+    does, on their TLS port, with the same /health check."""
+    frontend = haproxy_section("frontend chat_tls")
+    assert frontend == ["bind :6697", "default_backend gateways_tls"]
+    plain, tls = haproxy_section("backend gateways"), haproxy_section("backend gateways_tls")
+    assert not any(re.search(r"\b(ssl|crt|mode http)\b", line) for line in frontend + tls)
+    assert [line.replace(":5555 ", ":6697 ") for line in plain] == tls
+
+
 # ---- Dockerfile -------------------------------------------------------------------------
 
 
@@ -325,8 +393,11 @@ def test_haproxy_cfg_gives_up_fast_on_a_vanished_gateway() -> None:
     settings = [line for line in lines if line]
     timeouts = dict(line.split()[1:3] for line in settings if line.startswith("timeout "))
     assert haproxy_seconds(timeouts["connect"]) <= 0.25
-    (default_server,) = [line for line in settings if line.startswith("default-server ")]
-    assert "observe layer4 error-limit 1 on-error mark-down" in default_server
+    # One per backend: the plain chat's and the TLS chat's.
+    default_servers = [line for line in settings if line.startswith("default-server ")]
+    assert len(default_servers) == 2, default_servers
+    for default_server in default_servers:
+        assert "observe layer4 error-limit 1 on-error mark-down" in default_server
     assert "retries 3" in settings and "option redispatch 1" in settings
 
 
@@ -451,6 +522,38 @@ async def test_haproxy_spreads_clients_and_moves_a_draining_gateways_users(
     # HAProxy had already marked it down: a connection the draining gateway refuses is
     # redispatched to another gateway (`option redispatch`), never shown to the client.
     assert [attempts for _client, attempts in results] == [1] * len(moved)
+
+
+async def test_haproxy_passes_tls_through_to_the_gateways(cluster: Cluster, tmp_path: Path) -> None:
+    """Through the real HAProxy's TLS frontend, TLS clients reach the gateways' TLS port,
+    spread by leastconn and checking the gateways' own certificate (HAProxy holds none),
+    and share the room with a client of the plain frontend."""
+    certs = Certificates(tmp_path)
+    certs.issue(common_name="gateways")
+    gateways = await cluster.start(2, "--health-port", "0", *certs.gateway_args())
+    servers = [(g.port, g.health_port) for g in gateways]
+    tls = (free_port(), [g.tls_port for g in gateways])
+    async with running_haproxy(free_port(), servers, tls=tls) as lb:
+        plain = await user_via(lb, cluster, "plain")
+        secure = []
+        for name in ["ana", "bruno"]:
+            client = await ChatClient.connect(tls[0], tls=certs.client_context())
+            cluster.clients.append(client)
+            await client.login(name)
+            assert client.writer.get_extra_info("peercert")["subject"] == (
+                (("commonName", "gateways"),),
+            )
+            secure.append(client)
+        where = await who(cluster)
+        assert where["ana"] != where["bruno"], where
+        await secure[0].send("over TLS through HAProxy")
+        assert await plain.expect("ana: over TLS through HAProxy")
+        assert await secure[1].expect("ana: over TLS through HAProxy")
+        # HAProxy logs each connection as it ends (`option tcplog`), naming its route.
+        port = secure[1].writer.get_extra_info("sockname")[1]
+        await secure[1].close()
+        logged = await lb.wait_for_log(rf"^127\.0\.0\.1:{port} \[.*")
+        assert re.search(r" chat_tls gateways_tls/gw[12] ", logged.group(0)), logged.group(0)
 
 
 async def test_haproxy_sends_newcomers_to_the_gateway_with_fewest_users(
