@@ -291,10 +291,13 @@ class ChatClient:
             pass
 
 
-async def run_cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
-    """Run one of the project's console scripts; return (exit status, stdout, stderr)."""
+async def run_cli(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run one of the project's console scripts (with ``env`` added to a clean
+    environment); return (exit status, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / args[0]), *args[1:], env=clean_env(),
+        str(BIN / args[0]), *args[1:], env=clean_env(**(env or {})),
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
