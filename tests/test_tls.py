@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from broker import RedisBroker
+from client.cli import cli as client_cli
 from client.connection import connect, tls_context
 from client.errors import ConnectFailed
 from client.session import ChatSession
@@ -473,3 +475,22 @@ async def test_the_client_reconnects_over_tls(certs: Certificates) -> None:
         await first.shutdown()
         if second is not None:
             await second.shutdown()
+
+
+@pytest.mark.parametrize("flags", [["--tls"], ["--tls-ca", "{ca}"], ["--tls", "--port", "{free}"]])
+def test_chat_client_port_defaults_to_6697_with_tls(
+    certs: Certificates, flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --tls (or --tls-ca, which implies it) the default port is 6697, IRC's TLS
+    port, unless --port says otherwise. (Nothing listens there: the refusal names the
+    port tried.)"""
+    for variable in ("CHAT_HOST", "CHAT_PORT", "CHAT_TLS", "CHAT_TLS_CA"):
+        monkeypatch.delenv(variable, raising=False)
+    free = str(free_port())
+    args = [flag.replace("{ca}", str(certs.ca_file)).replace("{free}", free) for flag in flags]
+    port = free if "--port" in args else "6697"
+    result = CliRunner().invoke(
+        client_cli, ["--host", "127.0.0.1", *args, "--name", "x"], input="hi\n"
+    )
+    assert result.exit_code == 1, result.output
+    assert f"connection refused by 127.0.0.1:{port}" in result.output
