@@ -56,7 +56,8 @@ class Hub(Protocol):
 
 
 class Session(asyncio.Protocol):
-    """One TCP client of the gateway."""
+    """One client of the gateway, on its plain port or (once the handshake is done) its
+    TLS port."""
 
     __slots__ = (
         "_bucket",

@@ -128,7 +128,6 @@ class ServerTls:
         self.context = load_server_context(cert_file, key_file)
         self._current = self.context
         self.context.sni_callback = self._choose
-        self.reloads = 0
 
     def _choose(self, connection: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
         # Runs inside OpenSSL's handshake: an exception here would fail the handshake and
@@ -145,7 +144,6 @@ class ServerTls:
             log.error("TLS certificate not reloaded, still serving the previous one: %s", exc)
             return False
         self._current = context
-        self.reloads += 1
         log.info(
             "TLS certificate reloaded from %s and %s: new connections get it",
             self.cert_file,
