@@ -20,18 +20,6 @@ CONNECT_TIMEOUT = 10.0
 #: private CA's file given to --tls-ca cures: unable to get the issuer certificate (2, 20),
 #: self-signed (18, 19).
 _UNTRUSTED_ISSUER = frozenset({2, 18, 19, 20})
-
-
-def tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
-    """A client context that checks the gateway's certificate against the system's CAs and
-    those in ``ca_file`` (PEM), and its host name. OSError (ssl.SSLError included) if
-    ``ca_file`` cannot be read or holds no certificate."""
-    context = ssl.create_default_context()  # verifies the chain and the host name
-    if ca_file is not None:
-        context.load_verify_locations(cafile=ca_file)
-    return context
-
-
 #: Keepalive: probe after 30 s idle, every 10 s, give up after 3 misses, so a vanished
 #: gateway or a dead network path is noticed in about a minute even when the chat is quiet.
 KEEPALIVE = (30, 10, 3)
@@ -47,6 +35,16 @@ def _keepalive(sock: socket.socket) -> None:
     ):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """A client context that checks the gateway's certificate against the system's CAs and
+    those in ``ca_file`` (PEM), and its host name. OSError (ssl.SSLError included) if
+    ``ca_file`` cannot be read or holds no certificate."""
+    context = ssl.create_default_context()  # verifies the chain and the host name
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 async def connect(
