@@ -41,7 +41,7 @@ from tests.deploy_support import (
     running_haproxy,
 )
 from tests.support import ChatClient, T, free_port, run_cli
-from tests.tls_support import Certificates
+from tests.tls_support import Certificates, common_name
 
 pytestmark = pytest.mark.integration
 
@@ -540,9 +540,8 @@ async def test_haproxy_passes_tls_through_to_the_gateways(cluster: Cluster, tmp_
             client = await ChatClient.connect(tls[0], tls=certs.client_context())
             cluster.clients.append(client)
             await client.login(name)
-            assert client.writer.get_extra_info("peercert")["subject"] == (
-                (("commonName", "gateways"),),
-            )
+            # The gateways' own certificate: HAProxy relayed the handshake untouched.
+            assert common_name(client.writer.get_extra_info("peercert")) == "gateways"
             secure.append(client)
         where = await who(cluster)
         assert where["ana"] != where["bruno"], where
