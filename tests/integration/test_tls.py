@@ -57,6 +57,7 @@ async def test_tls_and_plain_clients_share_a_room_across_gateways(
     assert await alice.readline() == "alice: hello over TLS"
     await bob.send("hello in plain text")
     assert await alice.readline() == "bob: hello in plain text"
+    assert await bob.readline() == "bob: hello in plain text"
     assert re.search(r"connection \S+ from 127\.0\.0\.1:\d+ over TLS", log_of(gw1))
 
     gw1.signal(signal.SIGTERM)
