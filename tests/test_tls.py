@@ -20,6 +20,7 @@ from client.cli import cli as client_cli
 from client.connection import connect, tls_context
 from client.errors import ConnectFailed
 from client.session import ChatSession
+from gateway import server as server_module
 from gateway.config import GatewayConfig
 from gateway.errors import TlsError
 from gateway.server import Gateway
@@ -270,6 +271,23 @@ async def test_a_failed_handshake_costs_only_its_own_connection(
     await tls_user(gateway, "carol", clients, certs.client_context())
     assert await bob.readline() == "* carol joined the chat"
     assert tracebacks(caplog) == []
+
+
+async def test_a_client_that_never_starts_its_handshake_is_closed_in_time(
+    certs: Certificates, clients: list[ChatClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain-TCP client that waits for a prompt on the TLS port (it never sends a
+    ClientHello) is closed once the handshake's time is up, without a prompt."""
+    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT", 0.2)
+    gateway = await start_gateway(tls_config(certs))
+    try:
+        silent = await ChatClient.connect(gateway.tls_port)
+        clients.append(silent)
+        async with asyncio.timeout(T):
+            assert await silent.reader.read() == b""
+        assert gateway.stats()["connections"] == 0
+    finally:
+        await gateway.shutdown()
 
 
 async def test_tls_clients_count_against_the_connection_limits(
