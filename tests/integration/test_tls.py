@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import ssl
@@ -150,6 +151,41 @@ async def test_plain_tcp_on_the_tls_port_is_rejected_cleanly(
     assert await carol.expect("dave: so does this one")
     assert not re.search(r" (ERROR|CRITICAL) ", log_of(gateway)), log_of(gateway)
     assert "alice-" not in log_of(gateway)
+
+
+async def test_a_tls_client_that_stops_reading_is_cut_without_delaying_others(
+    cluster: Cluster, certs: Certificates
+) -> None:
+    """PROTOCOL.md item 11 on the TLS port: a TLS client that stops reading is disconnected
+    (its leave announced) once its queue passes the bound, while a TLS sender and a plain
+    reader go on with everything in order."""
+    (gateway,) = await cluster.start(1, "--rate-limit", "0", *certs.gateway_args())
+    watcher = await cluster.user(0, "watcher")
+    flooder = await tls_user(cluster, gateway.tls_port, "flooder", certs.client_context())
+    stalled = await ChatClient.connect(gateway.tls_port, rcvbuf=4096, tls=certs.client_context())
+    cluster.clients.append(stalled)
+    await stalled.login("stalled")  # and never reads again
+    await watcher.expect("* stalled joined the chat")
+    await flooder.expect("* stalled joined the chat")
+    count, body = 2500, "z" * 4000  # 10 MB: far past 1 MiB plus every buffer on the way
+
+    async def flood() -> None:
+        for n in range(count):
+            flooder.writer.write(f"{n:05d} {body}\n".encode())
+            await flooder.writer.drain()
+
+    async def drain(client: ChatClient) -> list[str]:
+        return await client.expect(lambda line: line.startswith(f"flooder: {count - 1:05d}"), 6 * T)
+
+    _, seen, _ = await asyncio.gather(flood(), drain(watcher), drain(flooder))
+    chat = [line[9:14] for line in seen if line.startswith("flooder: ")]
+    assert chat == [f"{n:05d}" for n in range(count)]
+    if "* stalled left the chat" not in seen:  # cut after the last flood line was queued
+        await watcher.expect("* stalled left the chat")
+    assert re.search(r"stalled \(\S+\) stopped reading", log_of(gateway)), log_of(gateway)
+    # Cut with data unread: a reset is what the client may see instead of an end.
+    with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+        assert await stalled.at_eof(2 * T)
 
 
 async def test_sighup_reloads_the_certificate_without_dropping_anyone(
