@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from broker import RedisBroker
+from chatwire.texts import slow_down_text
 from client.cli import cli as client_cli
 from client.connection import connect, tls_context
 from client.errors import ConnectFailed
@@ -310,6 +311,24 @@ async def test_tls_clients_count_against_the_connection_limits(
         clients.append(late)
         assert await late.readline() == "! this server is full; try again later"
         assert await late.at_eof()
+    finally:
+        await gateway.shutdown()
+
+
+async def test_flood_control_paces_a_tls_client_without_dropping_a_line(
+    certs: Certificates, clients: list[ChatClient]
+) -> None:
+    """PROTOCOL.md item 12 on the TLS port: past its burst a client is told to slow down
+    and its lines are taken in at the rate, every one of them, in order."""
+    gateway = await start_gateway(tls_config(certs, rate_limit=50.0, rate_burst=5))
+    try:
+        alice = await tls_user(gateway, "alice", clients, certs.client_context())
+        alice.writer.write(b"".join(f"line {n}\n".encode() for n in range(20)))
+        seen = await alice.expect("alice: line 19")
+        assert "* " + slow_down_text(50.0) in seen
+        assert [line for line in seen if line.startswith("alice: ")] == [
+            f"alice: line {n}" for n in range(20)
+        ]
     finally:
         await gateway.shutdown()
 
