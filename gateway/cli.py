@@ -99,6 +99,15 @@ async def serve(config: GatewayConfig) -> None:
     help="Serve GET /health on this port: 200 while connected to Redis, else 503.  [default: off]",
 )
 @click.option(
+    "--web-port",
+    envvar="CHAT_WEB_PORT",
+    show_envvar=True,
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve the chat web page (GET /) and the line protocol over WebSocket (/ws) on "
+    "this port.  [default: off]",
+)
+@click.option(
     "--redis-wait",
     envvar="CHAT_REDIS_WAIT",
     show_envvar=True,
@@ -181,6 +190,7 @@ def main(
     redis_url: str | None,
     gateway_id: str | None,
     health_port: int | None,
+    web_port: int | None,
     redis_wait: float,
     history: int,
     notice_limit: int,
@@ -200,6 +210,7 @@ def main(
         gateway_id=gateway_id or "",
         redis_wait=redis_wait,
         health_port=health_port,
+        web_port=web_port,
         history=history,
         notice_limit=notice_limit,
         rate_limit=rate_limit,

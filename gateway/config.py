@@ -117,6 +117,8 @@ class GatewayConfig:
     gateway_id: str = ""
     #: Port of the HTTP health endpoint (GET /health); None: no endpoint.
     health_port: int | None = None
+    #: Port of the web page (GET /) and its WebSocket (/ws); None: no web port.
+    web_port: int | None = None
     #: Messages a new user is shown on joining (0: none); also what a bare /history shows.
     history: int = 20
     #: Local members past which others' joins and leaves are summarised once a second

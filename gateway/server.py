@@ -22,9 +22,10 @@ import itertools
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import (
     BrokerError,
@@ -61,6 +62,11 @@ from gateway.publisher import Publisher
 from gateway.relay import RETRY_MAX, RETRY_MIN, Relay
 from gateway.rooms import Rooms
 from gateway.session import Session
+from gateway.web import WebServer
+from gateway.web.transport import WebSocketTransport
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,10 @@ BACKLOG = 1024
 class Gateway:
     """One gateway process's service. Create, then ``await run()``."""
 
-    def __init__(self, config: GatewayConfig, broker: RedisBroker) -> None:
+    def __init__(
+        self, config: GatewayConfig, broker: RedisBroker, web_ssl: ssl.SSLContext | None = None
+    ) -> None:
+        """``web_ssl``: serve the web port (``config.web_port``) over HTTPS and WSS."""
         self.config = config
         self.id = config.resolved_id()
         self.instance = secrets.token_hex(6)
@@ -101,6 +110,10 @@ class Gateway:
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._health = HealthServer(self.health, self.stats)
+        self._web_ssl = web_ssl
+        self._web: WebServer | None = None
+        #: Sessions that came in over WebSocket (for /stats; they are in _sessions too).
+        self._web_sessions: set[Session] = set()
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
         self._stopping = False
@@ -152,6 +165,17 @@ class Gateway:
             ) from None
         await self._server.start_serving()
         log.info("listening on %s:%d (%s)", host, port, self.broker.description)
+        if self.config.web_port is not None:
+            self._web = WebServer(self._web_client)
+            try:
+                bound = await self._web.start(self.config.host, self.config.web_port, self._web_ssl)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve the web page on port {self.config.web_port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+            scheme = "https" if self._web_ssl is not None else "http"
+            log.info("web page and WebSocket on %s:%d (%s)", host, bound, scheme)
         if self.config.health_port is not None:
             try:
                 bound = await self._health.start(self.config.host, self.config.health_port)
@@ -180,6 +204,7 @@ class Gateway:
         return {
             "users": len(self._by_key),
             "connections": len(self._sessions),
+            "web_connections": sum(1 for s in self._web_sessions if s in self._sessions),
             "rooms": len(self.rooms),
             "bus_messages": self.relay.received,
         }
@@ -196,6 +221,8 @@ class Gateway:
         await self._health.close()
         if self._server is not None:
             self._server.close()
+        if self._web is not None:
+            self._web.close()
         sessions = list(self._sessions)
         log.info("shutting down: %d client(s) connected", len(sessions))
         for session in sessions:
@@ -223,6 +250,8 @@ class Gateway:
         await self._cancel(self._tasks | set(self._background))
         if self._server is not None:
             await self._server.wait_closed()
+        if self._web is not None:
+            await self._web.wait_closed()
         await self.broker.close()
         log.info("stopped")
 
@@ -331,6 +360,15 @@ class Gateway:
 
     def _new_session(self) -> Session:
         return Session(self, f"{self.instance}-{next(self._ids)}", self._limits)
+
+    async def _web_client(self, conn: ServerConnection) -> None:
+        """One WebSocket client: a session like any other, over a WebSocket transport."""
+        session = self._new_session()
+        self._web_sessions.add(session)
+        try:
+            await WebSocketTransport(conn).serve(session)
+        finally:
+            self._web_sessions.discard(session)
 
     def session_started(self, session: Session) -> None:
         config = self.config

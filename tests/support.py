@@ -27,6 +27,8 @@ BIN = Path(sys.executable).parent
 
 
 if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
     from gateway.server import Gateway
 
 
@@ -367,3 +369,74 @@ class Timers:
             if not handle.cancelled():
                 handle.cancel()
                 callback()
+
+
+class WsClient:
+    """A WebSocket client of the web port's ``/ws``, with :class:`ChatClient`'s manners:
+    one text frame per line each way."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.name: str | None = None
+
+    @classmethod
+    async def connect(cls, port: int, path: str = "/ws", **kwargs: Any) -> WsClient:
+        from websockets.asyncio.client import connect
+
+        async with asyncio.timeout(T):
+            ws = await connect(f"ws://127.0.0.1:{port}{path}", compression=None, **kwargs)
+        return cls(ws)
+
+    async def send(self, line: str | bytes) -> None:
+        await self.ws.send(line)
+
+    async def readline(self, timeout: float = T) -> str:
+        """The next frame's text (a frame is a line); EOFError once the server closed."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await self.ws.recv()
+        except ConnectionClosed:
+            raise EOFError("the server closed the connection") from None
+        assert isinstance(frame, str), f"a binary frame from the server: {frame!r}"
+        assert "\n" not in frame, frame
+        return frame
+
+    async def expect(self, want: str | Callable[[str], bool], timeout: float = T) -> list[str]:
+        """Read until a line equal to ``want`` (or satisfying it); return every line read."""
+        seen: list[str] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.readline(timeout)
+                seen.append(line)
+                if (line == want) if isinstance(want, str) else want(line):
+                    return seen
+
+    async def login(self, name: str) -> str:
+        assert await self.readline() == "* Choose a name:"
+        await self.send(name)
+        line = await self.readline()
+        assert line.startswith(f"* Welcome, {name}!"), line
+        self.name = name
+        return line
+
+    async def closed(self, timeout: float = T) -> tuple[int | None, str]:
+        """(close code, reason) once the server has closed, discarding frames before."""
+        from websockets.exceptions import ConnectionClosed
+
+        async with asyncio.timeout(timeout):
+            try:
+                while True:
+                    await self.ws.recv()
+            except ConnectionClosed:
+                pass
+            await self.ws.wait_closed()
+        return self.ws.close_code, self.ws.close_reason or ""
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(T):
+                await self.ws.close()
+        except (OSError, TimeoutError):
+            pass
