@@ -155,18 +155,24 @@ def _substitute(pattern: str, replace: str, text: str, what: str) -> str:
 
 
 def loopback_haproxy_config(
-    text: str, frontend_port: int, servers: Sequence[tuple[int, int]], check_inter: str = "500ms"
+    text: str,
+    frontend_port: int,
+    servers: Sequence[tuple[int, ...]],
+    check_inter: str = "500ms",
+    web_port: int | None = None,
 ) -> str:
     """deploy/haproxy.cfg made to run on this host in front of local gateways.
 
-    ``servers`` are (chat port, health port) pairs. Only what cannot work outside Docker
-    changes; mode, balance, timeouts, retries and the health check stay as they are:
+    ``servers`` are (chat port, health port) or (chat port, health port, web port) tuples.
+    Only what cannot work outside Docker changes; mode, balance, timeouts, retries and the
+    health check stay as they are:
 
-    * the chat frontend binds ``127.0.0.1:frontend_port`` instead of every address, and
-      the load balancer's own health frontend (``monitor``, for Docker) goes;
-    * the DNS-filled ``server-template`` becomes one ``server`` per gateway with the same
-      parameters, minus the DNS ones (resolvers, resolve-*, init-addr), checking each
-      gateway's own health port; the ``resolvers`` section goes;
+    * the chat frontend binds ``127.0.0.1:frontend_port`` instead of every address, the web
+      frontend ``127.0.0.1:web_port`` (without ``web_port``, the web frontend and backend
+      go), and the load balancer's own health frontend (``monitor``, for Docker) goes;
+    * each DNS-filled ``server-template`` becomes one ``server`` per gateway with the same
+      parameters, minus the DNS ones (resolvers, resolve-*, init-addr), on the gateway's
+      chat or web port, checking its own health port; the ``resolvers`` section goes;
     * checks run every ``check_inter`` so a test sees state changes quickly;
     * a global ``maxconn`` of 1000: HAProxy would otherwise size itself from this host's
       descriptor limit (the container gets 65536 from docker-compose.yml).
@@ -174,8 +180,21 @@ def loopback_haproxy_config(
     section = r"(?:[ \t]+.*\n|[ \t]*\n)*"
     text = _substitute(rf"^resolvers \S+\n{section}", "", text, "resolvers section")
     text = _substitute(rf"^frontend monitor\n{section}", "", text, "monitor frontend")
+    if web_port is None:
+        text = _substitute(rf"^frontend web\n{section}", "", text, "web frontend")
+        text = _substitute(rf"^backend web\n{section}", "", text, "web backend")
+    else:
+        text = _substitute(
+            r"^(frontend web\n(?:[ \t]+.*\n)*?[ \t]+bind[ \t]+)\S*:\d+",
+            rf"\g<1>127.0.0.1:{web_port}",
+            text,
+            "bind line in the web frontend",
+        )
     text = _substitute(
-        r"^([ \t]+bind[ \t]+)\S*:\d+", rf"\g<1>127.0.0.1:{frontend_port}", text, "bind line"
+        r"^(frontend chat\n(?:[ \t]+.*\n)*?[ \t]+bind[ \t]+)\S*:\d+",
+        rf"\g<1>127.0.0.1:{frontend_port}",
+        text,
+        "bind line in the chat frontend",
     )
     text = _substitute(r"^global\n", "global\n    maxconn 1000\n", text, "global section")
     text = _substitute(
@@ -185,23 +204,33 @@ def loopback_haproxy_config(
         "default-server line with `inter`",
     )
 
-    template = re.search(
-        r"^([ \t]+)server-template[ \t]+(\S+)[ \t]+\S+[ \t]+\S+(.*)$", text, flags=re.MULTILINE
+    # Which field of a server's tuple each template's gateway port stands for.
+    fields = {"5555": 0, "8000": 2}
+    templates = list(
+        re.finditer(
+            r"^([ \t]+)server-template[ \t]+(\S+)[ \t]+\S+[ \t]+[^:\s]+:(\d+)(.*)$",
+            text,
+            flags=re.MULTILINE,
+        )
     )
-    if template is None:
+    if not templates:
         raise AssertionError("deploy/haproxy.cfg: no server-template line to replace")
-    indent, prefix, params = template.groups()
-    dns_only = r"(?<!\S)(resolvers|resolve-prefer|resolve-net|resolve-opts|init-addr)\s+\S+"
-    params = " ".join(re.sub(dns_only, "", params).split())
-    check_port = r"(?<!\S)port \d+"
-    if not re.search(check_port, params):
-        raise AssertionError("deploy/haproxy.cfg: the server-template checks no `port`")
-    lines = [
-        f"{indent}server {prefix}{i} 127.0.0.1:{port} "
-        + re.sub(check_port, f"port {health_port}", params)
-        for i, (port, health_port) in enumerate(servers, 1)
-    ]
-    return text[: template.start()] + "\n".join(lines) + text[template.end() :]
+    for template in reversed(templates):
+        indent, prefix, port, params = template.groups()
+        if port not in fields:
+            raise AssertionError(f"deploy/haproxy.cfg: a server-template on unknown port {port}")
+        dns_only = r"(?<!\S)(resolvers|resolve-prefer|resolve-net|resolve-opts|init-addr)\s+\S+"
+        params = " ".join(re.sub(dns_only, "", params).split())
+        check_port = r"(?<!\S)port \d+"
+        if not re.search(check_port, params):
+            raise AssertionError("deploy/haproxy.cfg: a server-template checks no `port`")
+        lines = [
+            f"{indent}server {prefix}{i} 127.0.0.1:{server[fields[port]]} "
+            + re.sub(check_port, f"port {server[1]}", params)
+            for i, server in enumerate(servers, 1)
+        ]
+        text = text[: template.start()] + "\n".join(lines) + text[template.end() :]
+    return text
 
 
 class HaproxyProcess:
@@ -261,11 +290,14 @@ class HaproxyProcess:
 
 @asynccontextmanager
 async def running_haproxy(
-    frontend_port: int, servers: Sequence[tuple[int, int]]
+    frontend_port: int, servers: Sequence[tuple[int, ...]], web_port: int | None = None
 ) -> AsyncIterator[HaproxyProcess]:
     """The loopback variant of deploy/haproxy.cfg in front of ``servers`` (chat port,
-    health port), ready once every server has passed a health check; stopped on exit."""
-    config = loopback_haproxy_config(HAPROXY_CFG.read_text(), frontend_port, servers)
+    health port[, web port]), with the web frontend on ``web_port`` if given, ready once
+    every server has passed a health check; stopped on exit."""
+    config = loopback_haproxy_config(
+        HAPROXY_CFG.read_text(), frontend_port, servers, web_port=web_port
+    )
     names = re.findall(r"^[ \t]+server[ \t]+(\S+)", config, flags=re.MULTILINE)
     lb = HaproxyProcess(config, frontend_port)
     try:
