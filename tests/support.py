@@ -156,6 +156,7 @@ class GatewayProcess:
         self.extra = extra
         self.port = 0
         self.health_port = 0
+        self.web_port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log: LogWatcher | None = None
 
@@ -172,6 +173,9 @@ class GatewayProcess:
         self.log = LogWatcher(self.proc.stderr, f"gateway {self.gateway_id}")
         match = await self.log.wait_for(r"listening on [\d.]+:(\d+)")
         self.port = int(match.group(1))
+        if "--web-port" in self.extra:
+            match = await self.log.wait_for(r"web page and WebSocket on [\d.]+:(\d+)")
+            self.web_port = int(match.group(1))
         if "--health-port" in self.extra:
             match = await self.log.wait_for(r"health endpoint on [\d.]+:(\d+)")
             self.health_port = int(match.group(1))
@@ -380,11 +384,21 @@ class WsClient:
         self.name: str | None = None
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/ws", **kwargs: Any) -> WsClient:
+    async def connect(
+        cls, port: int, path: str = "/ws", rcvbuf: int | None = None, **kwargs: Any
+    ) -> WsClient:
+        """Connect; ``rcvbuf`` shrinks the socket's receive buffer (a slow reader)."""
         from websockets.asyncio.client import connect
 
+        if rcvbuf is not None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            kwargs["sock"] = sock
+        url = f"ws://127.0.0.1:{port}{path}"
         async with asyncio.timeout(T):
-            ws = await connect(f"ws://127.0.0.1:{port}{path}", compression=None, **kwargs)
+            ws = await connect(url, compression=None, **kwargs)
         return cls(ws)
 
     async def send(self, line: str | bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -225,3 +226,16 @@ async def test_shutdown_tells_websocket_clients_to_reconnect() -> None:
     assert await ana.readline() == "* Server restarting: please reconnect."
     code, _ = await ana.closed()
     assert code == CloseCode.NORMAL_CLOSURE
+
+
+async def test_websocket_connections_get_tcp_keepalive(gateway: Gateway) -> None:
+    """PROTOCOL.md 15: a browser whose host vanished is found by TCP keepalive too; the
+    gateway sets it on the WebSocket's socket as on a TCP client's."""
+    client = await WsClient.connect(web_port(gateway))
+    assert await client.readline() == "* Choose a name:"
+    (session,) = gateway.sessions()
+    assert session._transport is not None
+    sock = session._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+    await client.close()
