@@ -236,9 +236,11 @@ def loopback_haproxy_config(
 class HaproxyProcess:
     """A real ``haproxy`` in the foreground, logging to a pipe (``log stdout``)."""
 
-    def __init__(self, config: str, port: int) -> None:
+    def __init__(self, config: str, port: int, web_port: int | None = None) -> None:
         self.config = config
         self.port = port
+        #: The web frontend's port, if the configuration has one.
+        self.web_port = web_port
         self.proc: asyncio.subprocess.Process | None = None
         self.log: LogWatcher | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="chat-haproxy-"))
@@ -299,7 +301,7 @@ async def running_haproxy(
         HAPROXY_CFG.read_text(), frontend_port, servers, web_port=web_port
     )
     names = re.findall(r"^[ \t]+server[ \t]+(\S+)", config, flags=re.MULTILINE)
-    lb = HaproxyProcess(config, frontend_port)
+    lb = HaproxyProcess(config, frontend_port, web_port)
     try:
         await lb.start(names)
         yield lb
