@@ -173,6 +173,7 @@ async def test_two_pages_and_a_tcp_client_chat_in_two_rooms(
     line = line_with(bruno, "hello from a phone", "chat")
     await expect(line).not_to_have_class(re.compile(r"\bmine\b"))
     await carol.send("hi from nc")
+    assert await carol.readline() == "carol: hi from nc"
     await shows(ana, "carol: hi from nc", "chat")
     await shows(bruno, "carol: hi from nc", "chat")
     colours = {
