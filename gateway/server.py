@@ -12,8 +12,8 @@ Lifecycle::
 Each concern has its module: :mod:`gateway.relay` (the bus), :mod:`gateway.rooms` (fan-out),
 :mod:`gateway.liveness` (heartbeat, reaping, recovery), :mod:`gateway.commands` (commands
 and moves), :mod:`gateway.publisher` (outgoing traffic), :mod:`gateway.web` (the web page,
-and WebSocket clients, which become sessions like TCP ones). :meth:`Gateway.shutdown` is safe to
-call more than once; later calls wait for the first.
+and WebSocket clients, which become sessions like TCP ones). :meth:`Gateway.shutdown` is
+safe to call more than once; later calls wait for the first.
 """
 
 from __future__ import annotations
