@@ -282,6 +282,7 @@ async def test_rooms_and_private_messages_over_websocket(cluster: Cluster) -> No
     ]
     await ana.send("in math")
     assert await bob.readline() == "ana: in math"
+    assert await ana.readline() == "ana: in math"
     await ana.send("/msg carol psst")
     assert await ana.readline() == "(private to carol) ana: psst"
     assert await carol.expect("(private) ana: psst")
