@@ -38,7 +38,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(os.environ.get("CHAT_ARTIFACTS", ROOT / "tests" / "artifacts"))
 PHONE = {"width": 390, "height": 760}
-LAPTOP = {"width": 1280, "height": 800}
+LAPTOP = {"width": 1024, "height": 640}
 #: What a page shows as its own status while its link is down.
 RECONNECTING = "reconnecting..."
 
@@ -153,6 +153,7 @@ async def test_two_pages_and_a_tcp_client_chat_in_two_rooms(
     await expect(ana.locator("#login-error")).to_have_text(
         "the name Carol is taken; choose another"
     )
+    await screenshot(ana, "page-name-refused")
     await log_in(ana, "ana")
     assert (await shows(ana, "Welcome, ana!", "notice")).startswith("Welcome, ana! 2 users")
     history = await shows(ana, "said before the pages came", "history")
@@ -176,6 +177,13 @@ async def test_two_pages_and_a_tcp_client_chat_in_two_rooms(
     assert await carol.readline() == "carol: hi from nc"
     await shows(ana, "carol: hi from nc", "chat")
     await shows(bruno, "carol: hi from nc", "chat")
+    # Text that looks like HTML or script is text.
+    trap = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b> & co'
+    await say(bruno, trap)
+    assert await carol.readline() == f"bruno: {trap}"
+    assert await shows(ana, "window.pwned=2", "chat") == f"bruno: {trap}"
+    assert await ana.evaluate("window.pwned") is None
+    assert await ana.locator("#log img, #log script, #log b").count() == 0
     colours = {
         name: await ana.locator(".name", has_text=name).first.evaluate(
             "e => getComputedStyle(e).color"
@@ -184,13 +192,6 @@ async def test_two_pages_and_a_tcp_client_chat_in_two_rooms(
     }
     assert len(set(colours.values())) == 3, colours
 
-    # Text that looks like HTML or script is text.
-    trap = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b> & co'
-    await say(bruno, trap)
-    assert await carol.readline() == f"bruno: {trap}"
-    assert await shows(ana, "window.pwned=2", "chat") == f"bruno: {trap}"
-    assert await ana.evaluate("window.pwned") is None
-    assert await ana.locator("#log img, #log script, #log b").count() == 0
 
     # Commands typed as on a terminal.
     await say(ana, "/who")
@@ -292,4 +293,6 @@ async def test_the_page_says_reconnecting_while_no_gateway_answers(
     # Live, or as history if the page was back before gina.
     assert await watcher.expect(lambda line: line.endswith("fred: typed while away"), 6 * T)
     assert restarted.web_port == port
+    # Said once for the outage, not once per failed attempt.
+    await expect(page.locator("#log li.local", has_text="connection lost")).to_have_count(1)
     no_script_errors(page)
