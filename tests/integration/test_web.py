@@ -192,7 +192,6 @@ async def test_two_pages_and_a_tcp_client_chat_in_two_rooms(
     }
     assert len(set(colours.values())) == 3, colours
 
-
     # Commands typed as on a terminal.
     await say(ana, "/who")
     await shows(ana, "3 users online:", "notice")
