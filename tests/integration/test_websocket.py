@@ -18,7 +18,14 @@ from websockets.frames import CloseCode
 
 from chatwire.commands import HELP
 from chatwire.lines import MAX_LINE_BYTES
-from chatwire.texts import FRAME_LINE_BREAK_TEXT, LINE_TOO_LONG_TEXT
+from chatwire.texts import (
+    FRAME_LINE_BREAK_TEXT,
+    LINE_TOO_LONG_TEXT,
+    NOT_DELIVERED_TEXT,
+    SERVICE_BACK_TEXT,
+    SERVICE_DOWN_TEXT,
+    UNAVAILABLE_TEXT,
+)
 from gateway.web.transport import MAX_MESSAGE_BYTES
 from tests.conftest import Cluster
 from tests.support import ChatClient, T, run_cli
@@ -28,6 +35,7 @@ pytestmark = pytest.mark.integration
 WEB = ("--web-port", "0")
 SLOW_DOWN = "* Slow down: at most 10 lines a second; your next lines follow at that pace."
 RESTART_NOTICE = "* Server restarting: please reconnect."
+DOWN, BACK = f"* {SERVICE_DOWN_TEXT}", f"* {SERVICE_BACK_TEXT}"
 
 
 async def admin(cluster: Cluster, *args: str) -> str:
@@ -225,6 +233,31 @@ async def test_connection_limits_count_websockets(cluster: Cluster) -> None:
     await bob.expect("* ana left the chat")  # announced once its place was given back
     again = await cluster.web(0)
     assert await again.readline() == "* Choose a name:"
+
+
+# 14. Message service down.
+async def test_message_service_down_and_back_over_websocket(cluster: Cluster) -> None:
+    """Redis goes away: the WebSocket user stays connected and is told; its line is
+    refused with `! not delivered`; a name is refused with the reason and a new prompt;
+    when Redis is back the user is told, and the name is accepted."""
+    await cluster.start(1, *WEB)
+    ana = await cluster.web_user(0, "ana")
+    await cluster.redis.stop()
+    assert await ana.readline(3 * T) == DOWN
+    await ana.send("anyone there?")
+    assert await ana.readline(3 * T) == f"! {NOT_DELIVERED_TEXT}"
+    newcomer = await cluster.web(0)
+    assert await newcomer.readline() == "* Choose a name:"
+    await newcomer.send("carol")
+    assert await newcomer.readline(3 * T) == f"! {UNAVAILABLE_TEXT}"
+    assert await newcomer.readline() == "* Choose a name:"
+    await cluster.redis.start()  # same port, empty
+    assert await ana.readline(6 * T) == BACK
+    gateway_log = cluster.gateways[0].log
+    assert gateway_log is not None
+    await gateway_log.wait_for("registration lost; registering again", timeout=6 * T)
+    await newcomer.send("carol")
+    assert (await newcomer.readline()).startswith("* Welcome, carol! 2 users online.")
 
 
 # 16. Operators.
