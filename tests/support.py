@@ -446,7 +446,8 @@ class WsClient:
             except ConnectionClosed:
                 pass
             await self.ws.wait_closed()
-        return self.ws.close_code, self.ws.close_reason or ""
+        # The sans-I/O protocol's: the connection's own properties are newer than 14.0.
+        return self.ws.protocol.close_code, self.ws.protocol.close_reason or ""
 
     async def close(self) -> None:
         try:

@@ -221,11 +221,12 @@ async def test_shutdown_tells_websocket_clients_to_reconnect() -> None:
     """The drain notice reaches WebSocket clients too, then their connection is closed."""
     gw = await started()
     ana = await ws_user(gw, "ana")
-    async with asyncio.timeout(3 * T):
-        await gw.shutdown()
+    stopping = asyncio.create_task(gw.shutdown())
     assert await ana.readline() == "* Server restarting: please reconnect."
     code, _ = await ana.closed()
     assert code == CloseCode.NORMAL_CLOSURE
+    async with asyncio.timeout(3 * T):
+        await stopping
 
 
 async def test_websocket_connections_get_tcp_keepalive(gateway: Gateway) -> None:
