@@ -54,9 +54,10 @@ ENV PATH="/opt/venv/bin:${PATH}" \
 USER 10001:10001
 
 # 5555: the chat protocol (PROTOCOL.md); 6697: the same over TLS, once --tls-port 6697 (or
-# CHAT_TLS_PORT) and a certificate are given (docker-compose.tls.yml); 8080: GET /health for
-# load balancers and probes.
-EXPOSE 5555 6697 8080
+# CHAT_TLS_PORT) and a certificate are given (docker-compose.tls.yml); 8000: the web page and
+# its WebSocket, when turned on (CHAT_WEB_PORT=8000, as compose does); 8080: GET /health
+# for load balancers and probes.
+EXPOSE 5555 6697 8000 8080
 
 # Healthy while the gateway is live in Redis and subscribed to the room (gateway/health.py).
 # start-period covers the gateway's default --redis-wait of 30 s at start-up.

@@ -42,6 +42,8 @@ SERVER_FULL_TEXT = "this server is full; try again later"
 TOO_MANY_FROM_ADDRESS_TEXT = "too many connections from your address"
 INTERNAL_ERROR_TEXT = "internal error; closing the connection"
 LINE_TOO_LONG_TEXT = f"line too long: at most {MAX_LINE_BYTES} bytes; it was not sent"
+#: A WebSocket text frame carries one line (PROTOCOL.md, "WebSocket").
+FRAME_LINE_BREAK_TEXT = "one line per frame: this frame has a line break inside; it was not sent"
 
 
 # --- line shapes ----------------------------------------------------------------------------

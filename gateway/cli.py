@@ -123,8 +123,8 @@ async def serve(config: GatewayConfig) -> None:
     default=None,
     type=click.Path(path_type=Path),
     metavar="FILE",
-    help="PEM certificate for --tls-port, followed by its chain's intermediates if any. "
-    "Read at start and again on SIGHUP.",
+    help="PEM certificate for --tls-port and for HTTPS on --web-port, followed by its "
+    "chain's intermediates if any. Read at start and again on SIGHUP.",
 )
 @click.option(
     "--tls-key",
@@ -134,6 +134,15 @@ async def serve(config: GatewayConfig) -> None:
     type=click.Path(path_type=Path),
     metavar="FILE",
     help="The certificate's PEM private key, unencrypted. Read at start and again on SIGHUP.",
+)
+@click.option(
+    "--web-port",
+    envvar="CHAT_WEB_PORT",
+    show_envvar=True,
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve the chat web page (GET /) and the line protocol over WebSocket (/ws) on "
+    "this port; HTTPS and WSS with --tls-cert and --tls-key.  [default: off]",
 )
 @click.option(
     "--redis-wait",
@@ -221,6 +230,7 @@ def main(
     tls_port: int | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    web_port: int | None,
     redis_wait: float,
     history: int,
     notice_limit: int,
@@ -244,6 +254,7 @@ def main(
         tls_port=tls_port,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        web_port=web_port,
         history=history,
         notice_limit=notice_limit,
         rate_limit=rate_limit,

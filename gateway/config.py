@@ -122,6 +122,8 @@ class GatewayConfig:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Port of the web page (GET /) and its WebSocket (/ws); None: no web port.
+    web_port: int | None = None
     #: Messages a new user is shown on joining (0: none); also what a bare /history shows.
     history: int = 20
     #: Local members past which others' joins and leaves are summarised once a second
@@ -161,16 +163,21 @@ class GatewayConfig:
 
     def tls_problem(self) -> str | None:
         """What is wrong with the TLS settings, in one line for the operator; None if
-        nothing is (TLS off, or a port with its certificate and key)."""
-        if self.tls_port is None:
-            if self.tls_cert is not None or self.tls_key is not None:
-                return "--tls-cert and --tls-key are for --tls-port, which is not set"
-            return None
+        nothing is (TLS off, or a certificate and key for the TLS port, the web port
+        serving HTTPS, or both)."""
         missing = [
             flag
             for flag, value in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key))
             if value is None
         ]
+        if self.tls_port is None:
+            if len(missing) == 2:
+                return None
+            if self.web_port is None:
+                return "--tls-cert and --tls-key are for --tls-port or --web-port, neither is set"
+            if missing:
+                return f"HTTPS on --web-port needs {' and '.join(missing)} too"
+            return None
         if missing:
             return f"--tls-port needs {' and '.join(missing)}"
         if self.tls_port == self.port != 0:

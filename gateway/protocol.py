@@ -207,6 +207,15 @@ class ServerProtocol:
         if reason:
             self.send_error(reason)
 
+    def refuse_line(self, reason: str) -> None:
+        """A line that could not be taken (``reason`` says why) is answered as one too long
+        is: a ``! `` line, and the prompt again while a name is awaited."""
+        if self._state is State.CLOSED:
+            return
+        self.send_error(reason)
+        if self._state is State.AWAITING_NAME:
+            self.send_notice(PROMPT)
+
     def close(self, notice: str | None = None) -> None:
         """Stop reading; queue a last ``* `` line if given (safe to call twice)."""
         if self._state is not State.CLOSED:
@@ -241,9 +250,7 @@ class ServerProtocol:
 
     def _handle(self, item: str | TooLong, events: list[Event]) -> None:
         if isinstance(item, TooLong):
-            self.send_error(LINE_TOO_LONG_TEXT)
-            if self._state is State.AWAITING_NAME:
-                self.send_notice(PROMPT)
+            self.refuse_line(LINE_TOO_LONG_TEXT)
         elif self._state is State.AWAITING_NAME:
             self._handle_name(item, events)
         else:

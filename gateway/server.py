@@ -12,12 +12,14 @@ Lifecycle::
 
 Each concern has its module: :mod:`gateway.relay` (the bus), :mod:`gateway.rooms` (fan-out),
 :mod:`gateway.liveness` (heartbeat, reaping, recovery), :mod:`gateway.commands` (commands
-and moves), :mod:`gateway.publisher` (outgoing traffic). :meth:`Gateway.shutdown` is safe to
-call more than once; later calls wait for the first.
+and moves), :mod:`gateway.publisher` (outgoing traffic), :mod:`gateway.web` (the web page,
+and WebSocket clients, which become sessions like TCP ones). :meth:`Gateway.shutdown` is
+safe to call more than once; later calls wait for the first.
 
 With ``--tls-port`` a second listener serves the same protocol over TLS
 (:mod:`gateway.tls`): the same :class:`Session` behind the handshake, the same rooms,
-limits and drain; a TLS client is one more connection like any other.
+limits and drain; a TLS client is one more connection like any other. With a certificate,
+the web port serves HTTPS and WSS, with the same certificate, reloaded with it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import socket
 import ssl
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import (
     BrokerError,
@@ -68,6 +70,11 @@ from gateway.relay import RETRY_MAX, RETRY_MIN, Relay
 from gateway.rooms import Rooms
 from gateway.session import Session
 from gateway.tls import HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ServerTls, server_tls
+from gateway.web import WebServer
+from gateway.web.transport import WebSocketTransport
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +93,9 @@ class Gateway:
     def __init__(
         self, config: GatewayConfig, broker: RedisBroker, tls: ServerTls | None = None
     ) -> None:
-        """``tls``: the certificate for ``config.tls_port``, loaded already (by the CLI, to
-        fail before waiting for Redis); loaded at start from ``config`` when not given."""
+        """``tls``: the certificate for ``config.tls_port`` and the web port's HTTPS,
+        loaded already (by the CLI, to fail before waiting for Redis); loaded at start from
+        ``config`` when not given."""
         self.config = config
         self.id = config.resolved_id()
         self.instance = secrets.token_hex(6)
@@ -116,6 +124,9 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._tls_server: asyncio.Server | None = None
         self._health = HealthServer(self.health, self.stats)
+        self._web: WebServer | None = None
+        #: Sessions that came in over WebSocket (for /stats; they are in _sessions too).
+        self._web_sessions: set[Session] = set()
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
         self._stopping = False
@@ -137,8 +148,8 @@ class Gateway:
 
     async def start(self) -> None:
         self._server = await self._listen(self.config.port)
+        self.tls = self.tls or server_tls(self.config)
         if self.config.tls_port is not None:
-            self.tls = self.tls or server_tls(self.config)
             assert self.tls is not None, "config.tls_problem() should have said why"
             self._tls_server = await self._listen(self.config.tls_port, self.tls.context)
         host, port = self._server.sockets[0].getsockname()[:2]
@@ -162,6 +173,18 @@ class Gateway:
             await self._tls_server.start_serving()
             self.tls_port = self._tls_server.sockets[0].getsockname()[1]
             log.info("listening for TLS on %s:%d", host, self.tls_port)
+        if self.config.web_port is not None:
+            web_ssl = self.tls.context if self.tls is not None else None
+            self._web = WebServer(self._web_client)
+            try:
+                bound = await self._web.start(self.config.host, self.config.web_port, web_ssl)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve the web page on port {self.config.web_port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+            scheme = "https" if web_ssl is not None else "http"
+            log.info("web page and WebSocket on %s:%d (%s)", host, bound, scheme)
         if self.config.health_port is not None:
             try:
                 bound = await self._health.start(self.config.host, self.config.health_port)
@@ -216,6 +239,7 @@ class Gateway:
         return {
             "users": len(self._by_key),
             "connections": len(self._sessions),
+            "web_connections": sum(1 for s in self._web_sessions if s in self._sessions),
             "rooms": len(self.rooms),
             "bus_messages": self.relay.received,
         }
@@ -233,6 +257,8 @@ class Gateway:
         for server in (self._server, self._tls_server):
             if server is not None:
                 server.close()
+        if self._web is not None:
+            self._web.close()
         sessions = list(self._sessions)
         log.info("shutting down: %d client(s) connected", len(sessions))
         for session in sessions:
@@ -261,6 +287,14 @@ class Gateway:
         for server in (self._server, self._tls_server):
             if server is not None:
                 await server.wait_closed()
+        if self._web is not None:
+            # Every session is closed by now; what may remain is a WebSocket handshake
+            # under way (its own timeout is longer than a drain should take).
+            try:
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self._web.wait_closed()
+            except TimeoutError:
+                log.warning("web connections still opening after %.0fs; leaving them", CLOSE_WAIT)
         await self.broker.close()
         log.info("stopped")
 
@@ -369,6 +403,15 @@ class Gateway:
 
     def _new_session(self) -> Session:
         return Session(self, f"{self.instance}-{next(self._ids)}", self._limits)
+
+    async def _web_client(self, conn: ServerConnection) -> None:
+        """One WebSocket client: a session like any other, over a WebSocket transport."""
+        session = self._new_session()
+        self._web_sessions.add(session)
+        try:
+            await WebSocketTransport(conn).serve(session)
+        finally:
+            self._web_sessions.discard(session)
 
     def session_started(self, session: Session) -> None:
         config = self.config

@@ -31,6 +31,7 @@ from gateway.protocol import (
     State,
 )
 from gateway.ratelimit import TokenBucket
+from gateway.transport import LineTransport
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class Hub(Protocol):
 
 
 class Session(asyncio.Protocol):
-    """One client of the gateway, on its plain port or (once the handshake is done) its
-    TLS port."""
+    """One client of the gateway: a TCP connection on its plain port, or on its TLS port
+    once the handshake is done (this is its asyncio protocol), or a WebSocket
+    (:mod:`gateway.web.transport` drives the same callbacks)."""
 
     __slots__ = (
         "_bucket",
@@ -90,7 +92,7 @@ class Session(asyncio.Protocol):
         self._pacing: asyncio.TimerHandle | None = None
         self._told_slow = False
         self._proto = ServerProtocol()
-        self._transport: asyncio.Transport | None = None
+        self._transport: LineTransport | None = None
         self._unpublished = 0
         #: A name claim or a move is under way: input waits for its outcome.
         self._waiting = False
@@ -131,7 +133,11 @@ class Session(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Any transport with the Transport methods will do (uvloop's is no subclass).
-        self._transport = cast(asyncio.Transport, transport)
+        self.attach(cast(LineTransport, transport))
+
+    def attach(self, transport: LineTransport) -> None:
+        """The connection is up: count it in (or refuse it) and send the prompt."""
+        self._transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.tls = transport.get_extra_info("ssl_object") is not None
@@ -343,6 +349,13 @@ class Session(asyncio.Protocol):
         sock.setsockopt(
             socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000
         )
+
+    def refuse_line(self, reason: str) -> None:
+        """Refuse one line the transport could not frame (a WebSocket frame with a line
+        break inside): a ``! `` line, as for a line too long; the connection goes on."""
+        if not self.closed:
+            self._proto.refuse_line(reason)
+            self._flush()
 
     def refuse(self, reason: str, *, notice: bool = False) -> None:
         """Turn the connection away before it starts: a ``! `` line (a ``* `` line with

@@ -153,9 +153,9 @@ class ServerTls:
 
 
 def server_tls(config: GatewayConfig) -> ServerTls | None:
-    """The gateway's TLS certificate as ``config`` names it, loaded; None without TLS.
-    Raises :class:`TlsError`."""
-    if config.tls_port is None or config.tls_cert is None or config.tls_key is None:
+    """The gateway's TLS certificate as ``config`` names it (for the TLS port, the web
+    port's HTTPS, or both), loaded; None without TLS. Raises :class:`TlsError`."""
+    if config.tls_cert is None or config.tls_key is None:
         return None
     return ServerTls(config.tls_cert, config.tls_key)
 

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from tests.support import ChatClient, GatewayProcess, RedisServer
+from tests.support import ChatClient, GatewayProcess, RedisServer, WsClient
 from tests.topologies import ClusterFixture
 
 
@@ -17,6 +18,7 @@ class Cluster:
         self.redis = redis
         self.gateways: list[GatewayProcess] = []
         self.clients: list[ChatClient] = []
+        self.web_clients: list[WsClient] = []
 
     async def start(self, count: int = 3, *extra: str) -> list[GatewayProcess]:
         urls = self.redis.urls
@@ -40,7 +42,22 @@ class Cluster:
         await client.login(name)
         return client
 
+    async def web(self, gateway: int, **kwargs: Any) -> WsClient:
+        """A WebSocket client of gateway number ``gateway``'s web port (``--web-port``)."""
+        port = self.gateways[gateway].web_port
+        assert port, "that gateway was started without --web-port"
+        client = await WsClient.connect(port, **kwargs)
+        self.web_clients.append(client)
+        return client
+
+    async def web_user(self, gateway: int, name: str, **kwargs: Any) -> WsClient:
+        """A WebSocket client logged in as ``name`` on gateway number ``gateway``."""
+        client = await self.web(gateway, **kwargs)
+        await client.login(name)
+        return client
+
     async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.web_clients))
         await asyncio.gather(*(c.close() for c in self.clients))
         await asyncio.gather(*(g.stop() for g in self.gateways))
         for gateway in self.gateways:

@@ -171,7 +171,7 @@ def _in_section(text: str, header: str, change: Callable[[str], str]) -> str:
     return text[: match.start()] + change(match.group(0)) + text[match.end() :]
 
 
-def _local_servers(body: str, servers: Sequence[tuple[int, int]]) -> str:
+def _local_servers(body: str, servers: Sequence[tuple[int, ...]]) -> str:
     """A backend's DNS-filled ``server-template`` as one ``server`` per local gateway:
     same parameters minus the DNS ones, checking each gateway's own health port."""
     template = re.search(
@@ -188,7 +188,7 @@ def _local_servers(body: str, servers: Sequence[tuple[int, int]]) -> str:
     lines = [
         f"{indent}server {prefix}{i} 127.0.0.1:{port} "
         + re.sub(check_port, f"port {health_port}", params)
-        for i, (port, health_port) in enumerate(servers, 1)
+        for i, (port, health_port, *_) in enumerate(servers, 1)
     ]
     return body[: template.start()] + "\n".join(lines) + body[template.end() :]
 
@@ -202,20 +202,24 @@ def _local_bind(port: int) -> Callable[[str], str]:
 def loopback_haproxy_config(
     text: str,
     frontend_port: int,
-    servers: Sequence[tuple[int, int]],
+    servers: Sequence[tuple[int, ...]],
     check_inter: str = "500ms",
     tls: tuple[int, Sequence[int]] | None = None,
+    web_port: int | None = None,
 ) -> str:
     """deploy/haproxy.cfg made to run on this host in front of local gateways.
 
-    ``servers`` are (chat port, health port) pairs; ``tls``, if the gateways serve TLS, is
-    the TLS frontend's port and each gateway's TLS port (in the order of ``servers``).
+    ``servers`` are (chat port, health port) or (chat port, health port, web port) tuples;
+    ``tls``, if the gateways serve TLS, is the TLS frontend's port and each gateway's TLS
+    port (in the order of ``servers``); ``web_port``, if the gateways serve the web page,
+    is the web frontend's port (each gateway's web port is the third of its tuple).
     Only what cannot work outside Docker changes; mode, balance, timeouts, retries and the
     health check stay as they are:
 
     * the chat frontend binds ``127.0.0.1:frontend_port`` instead of every address (the TLS
       frontend ``127.0.0.1`` and its port), and the load balancer's own health frontend
-      (``monitor``, for Docker) goes; without ``tls`` the TLS frontend and its backend go;
+      (``monitor``, for Docker) goes; without ``tls`` the TLS frontend and its backend go,
+      without ``web_port`` the web frontend and its backend;
     * each backend's DNS-filled ``server-template`` becomes one ``server`` per gateway with
       the same parameters, minus the DNS ones (resolvers, resolve-*, init-addr), checking
       each gateway's own health port; the ``resolvers`` section goes;
@@ -239,6 +243,13 @@ def loopback_haproxy_config(
         text = _in_section(
             text, "backend gateways_tls", lambda body: _local_servers(body, tls_servers)
         )
+    if web_port is None:
+        text = _substitute(rf"^frontend web\n{_SECTION}", "", text, "web frontend")
+        text = _substitute(rf"^backend web\n{_SECTION}", "", text, "web backend")
+    else:
+        web_servers = [(server[2], server[1]) for server in servers]
+        text = _in_section(text, "frontend web", _local_bind(web_port))
+        text = _in_section(text, "backend web", lambda body: _local_servers(body, web_servers))
     text, count = re.subn(
         r"^([ \t]+default-server\b.*\binter[ \t]+)\S+",
         rf"\g<1>{check_inter}",
@@ -265,9 +276,11 @@ def haproxy_servers(config: str) -> list[str]:
 class HaproxyProcess:
     """A real ``haproxy`` in the foreground, logging to a pipe (``log stdout``)."""
 
-    def __init__(self, config: str, port: int) -> None:
+    def __init__(self, config: str, port: int, web_port: int | None = None) -> None:
         self.config = config
         self.port = port
+        #: The web frontend's port, if the configuration has one.
+        self.web_port = web_port
         self.proc: asyncio.subprocess.Process | None = None
         self.log: LogWatcher | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="chat-haproxy-"))
@@ -320,15 +333,18 @@ class HaproxyProcess:
 @asynccontextmanager
 async def running_haproxy(
     frontend_port: int,
-    servers: Sequence[tuple[int, int]],
+    servers: Sequence[tuple[int, ...]],
     tls: tuple[int, Sequence[int]] | None = None,
+    web_port: int | None = None,
 ) -> AsyncIterator[HaproxyProcess]:
     """The loopback variant of deploy/haproxy.cfg in front of ``servers`` (chat port,
-    health port; ``tls``: see :func:`loopback_haproxy_config`), ready once every server has
-    passed a health check; stopped on exit."""
-    config = loopback_haproxy_config(HAPROXY_CFG.read_text(), frontend_port, servers, tls=tls)
+    health port[, web port]; ``tls`` and ``web_port``: see :func:`loopback_haproxy_config`),
+    ready once every server has passed a health check; stopped on exit."""
+    config = loopback_haproxy_config(
+        HAPROXY_CFG.read_text(), frontend_port, servers, tls=tls, web_port=web_port
+    )
     names = haproxy_servers(config)
-    lb = HaproxyProcess(config, frontend_port)
+    lb = HaproxyProcess(config, frontend_port, web_port)
     try:
         await lb.start(names)
         yield lb

@@ -28,6 +28,8 @@ BIN = Path(sys.executable).parent
 
 
 if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
     from gateway.server import Gateway
 
 
@@ -156,6 +158,7 @@ class GatewayProcess:
         self.port = 0
         self.health_port = 0
         self.tls_port = 0
+        self.web_port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log: LogWatcher | None = None
 
@@ -175,6 +178,9 @@ class GatewayProcess:
         if "--tls-port" in self.extra:
             match = await self.log.wait_for(r"listening for TLS on [\d.]+:(\d+)")
             self.tls_port = int(match.group(1))
+        if "--web-port" in self.extra:
+            match = await self.log.wait_for(r"web page and WebSocket on [\d.]+:(\d+)")
+            self.web_port = int(match.group(1))
         if "--health-port" in self.extra:
             match = await self.log.wait_for(r"health endpoint on [\d.]+:(\d+)")
             self.health_port = int(match.group(1))
@@ -389,3 +395,85 @@ class Timers:
             if not handle.cancelled():
                 handle.cancel()
                 callback()
+
+
+class WsClient:
+    """A WebSocket client of the web port's ``/ws``, with :class:`ChatClient`'s manners:
+    one text frame per line each way."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.name: str | None = None
+
+    @classmethod
+    async def connect(
+        cls, port: int, path: str = "/ws", rcvbuf: int | None = None, **kwargs: Any
+    ) -> WsClient:
+        """Connect; ``rcvbuf`` shrinks the socket's receive buffer (a slow reader)."""
+        from websockets.asyncio.client import connect
+
+        if rcvbuf is not None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            kwargs["sock"] = sock
+        url = f"ws://127.0.0.1:{port}{path}"
+        async with asyncio.timeout(T):
+            ws = await connect(url, compression=None, **kwargs)
+        return cls(ws)
+
+    async def send(self, line: str | bytes) -> None:
+        await self.ws.send(line)
+
+    async def readline(self, timeout: float = T) -> str:
+        """The next frame's text (a frame is a line); EOFError once the server closed."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await self.ws.recv()
+        except ConnectionClosed:
+            raise EOFError("the server closed the connection") from None
+        assert isinstance(frame, str), f"a binary frame from the server: {frame!r}"
+        assert "\n" not in frame, frame
+        return frame
+
+    async def expect(self, want: str | Callable[[str], bool], timeout: float = T) -> list[str]:
+        """Read until a line equal to ``want`` (or satisfying it); return every line read."""
+        seen: list[str] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.readline(timeout)
+                seen.append(line)
+                if (line == want) if isinstance(want, str) else want(line):
+                    return seen
+
+    async def login(self, name: str) -> str:
+        assert await self.readline() == "* Choose a name:"
+        await self.send(name)
+        line = await self.readline()
+        assert line.startswith(f"* Welcome, {name}!"), line
+        self.name = name
+        return line
+
+    async def closed(self, timeout: float = T) -> tuple[int | None, str]:
+        """(close code, reason) once the server has closed, discarding frames before."""
+        from websockets.exceptions import ConnectionClosed
+
+        async with asyncio.timeout(timeout):
+            try:
+                while True:
+                    await self.ws.recv()
+            except ConnectionClosed:
+                pass
+            await self.ws.wait_closed()
+        # The sans-I/O protocol's: the connection's own properties are newer than 14.0.
+        return self.ws.protocol.close_code, self.ws.protocol.close_reason or ""
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(T):
+                await self.ws.close()
+        except (OSError, TimeoutError):
+            pass

@@ -19,3 +19,11 @@ def test_license_is_an_spdx_expression_built_by_a_setuptools_that_knows_it() -> 
     upper = re.search(r"<\s*(\d+)", setuptools)
     assert lower is not None and int(lower.group(1)) >= 77, setuptools
     assert upper is not None and int(upper.group(1)) > int(lower.group(1)), setuptools
+
+
+def test_the_chat_page_ships_in_the_package() -> None:
+    """An installed gateway (not only a source checkout) serves the page: index.html is
+    package data of gateway.web, beside the module that reads it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "index.html" in project["tool"]["setuptools"]["package-data"]["gateway.web"]
+    assert (ROOT / "gateway" / "web" / "index.html").is_file()

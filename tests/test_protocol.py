@@ -313,6 +313,22 @@ def test_long_line_while_chatting_keeps_connection() -> None:
     assert proto.state is State.CHATTING
 
 
+def test_a_line_refused_by_the_transport_is_answered_like_a_long_one() -> None:
+    """refuse_line (a WebSocket frame with a line break inside): a '! ' line, the prompt
+    again while a name is awaited, no event and no state change; nothing once closed."""
+    proto = fresh()
+    proto.refuse_line("one line per frame")
+    assert out_lines(proto) == ["! one line per frame", "* Choose a name:"]
+    assert proto.state is State.AWAITING_NAME
+    proto = chatting()
+    proto.refuse_line("one line per frame")
+    assert out_lines(proto) == ["! one line per frame"]
+    assert proto.state is State.CHATTING
+    proto.close()
+    proto.refuse_line("one line per frame")
+    assert proto.data_to_send() == b""
+
+
 def test_huge_line_in_pieces_while_chatting() -> None:
     """A huge line arriving in chunks gives a single '! ' line, then chat continues."""
     proto = chatting()

@@ -168,7 +168,9 @@ def test_an_unusable_certificate_or_key_is_one_line_naming_the_file(
         ({"tls_port": 0, "port": 0, "tls_cert": Path("c"), "tls_key": Path("k")}, None),
         ({"tls_port": 6697}, "--tls-port needs --tls-cert and --tls-key"),
         ({"tls_port": 6697, "tls_cert": Path("c")}, "--tls-port needs --tls-key"),
-        ({"tls_cert": Path("c"), "tls_key": Path("k")}, "for --tls-port, which is not set"),
+        ({"tls_cert": Path("c"), "tls_key": Path("k")}, "for --tls-port or --web-port, neither"),
+        ({"web_port": 8000, "tls_cert": Path("c"), "tls_key": Path("k")}, None),
+        ({"web_port": 8000, "tls_cert": Path("c")}, "HTTPS on --web-port needs --tls-key too"),
         (
             {"tls_port": 5555, "tls_cert": Path("c"), "tls_key": Path("k")},
             "--tls-port and --port are both 5555",
@@ -176,7 +178,8 @@ def test_an_unusable_certificate_or_key_is_one_line_naming_the_file(
     ],
 )
 def test_tls_settings_are_checked_together(settings: dict[str, Any], problem: str | None) -> None:
-    """--tls-port needs a certificate and a key, which need --tls-port, on a port of its own."""
+    """--tls-port needs a certificate and a key, which need --tls-port (on a port of its
+    own) or --web-port (HTTPS)."""
     found = GatewayConfig(**settings).tls_problem()
     assert found == problem if problem is None else (found is not None and problem in found)
 

@@ -81,6 +81,8 @@ class Stack:
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if k != "COMPOSE_PROJECT_NAME"}
         self.env["CHAT_PORT"] = str(self.port)
+        # The web port is published too: a free one, as for the chat port.
+        self.env["CHAT_WEB_PORT"] = str(free_port())
         self.steps = readme_compose_steps()
 
     async def step(self, expected: str, timeout: float = STEP_TIMEOUT) -> str:

@@ -117,14 +117,16 @@ def test_compose_redis_is_private_healthy_and_durable() -> None:
 
 def test_compose_gateway_scales_behind_the_balancer() -> None:
     """The gateway publishes no host port (so `--scale` works), waits for a healthy Redis,
-    checks its own health, serves /health where HAProxy looks, and has time to drain."""
+    checks its own health, serves /health where HAProxy looks, serves the web page on its
+    web port, and has time to drain."""
     gateway = compose()["services"]["gateway"]
     assert gateway["build"] in (".", {"context": "."})
     assert "ports" not in gateway
-    assert {"5555", "8080"} <= {str(p) for p in gateway["expose"]}
+    assert {"5555", "8000", "8080"} <= {str(p) for p in gateway["expose"]}
     env = compose_environment(gateway)
     assert env["REDIS_URL"] == "redis://redis:6379/0"
     assert env["CHAT_HEALTH_PORT"] == "8080"
+    assert env["CHAT_WEB_PORT"] == "8000"
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
     test = gateway["healthcheck"]["test"]
     assert test[0] == "CMD" and "gateway.health" in test, test
@@ -133,14 +135,18 @@ def test_compose_gateway_scales_behind_the_balancer() -> None:
     assert gateway["restart"] == "unless-stopped"
 
 
+WEB_PORTS = ("8000", "8000")
+
+
 def test_compose_lb_is_the_one_published_port() -> None:
-    """Only the load balancer publishes a port, 5555 unless CHAT_PORT says otherwise, with
-    deploy/haproxy.cfg mounted read-only where the official image reads it."""
+    """Only the load balancer publishes ports: 5555 unless CHAT_PORT says otherwise, and the
+    web port 8000 unless CHAT_WEB_PORT does, with deploy/haproxy.cfg mounted read-only where
+    the official image reads it."""
     services = compose()["services"]
     lb = services["lb"]
     assert re.fullmatch(r"haproxy:\d+\.\d+.*", lb["image"]), lb["image"]
-    assert published_ports(lb) == [("5555", "5555")]
-    assert lb["ports"] == ["${CHAT_PORT:-5555}:5555"]
+    assert published_ports(lb) == [("5555", "5555"), WEB_PORTS]
+    assert lb["ports"] == ["${CHAT_PORT:-5555}:5555", "${CHAT_WEB_PORT:-8000}:8000"]
     assert [name for name, s in services.items() if "ports" in s] == ["lb"]
     assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
     assert "gateway" in lb["depends_on"]
@@ -163,7 +169,7 @@ def test_compose_lb_is_healthy_only_while_haproxy_serves() -> None:
     assert f"/dev/tcp/127.0.0.1/{port.group(1)}" in test[-1]
     assert f"GET {uri.group(1)} " in test[-1]
     assert re.search(r"monitor fail if \{ nbsrv\(gateways\) lt 1 \}", body), body
-    assert published_ports(lb) == [("5555", "5555")]
+    assert published_ports(lb) == [("5555", "5555"), WEB_PORTS]
     # `bash -c`: /dev/tcp is bash's; `$` would be Compose's interpolation.
     assert test[1:3] == ["bash", "-c"] and "$" not in test[-1]
 
@@ -196,7 +202,7 @@ def test_compose_and_haproxy_cfg_agree() -> None:
     cfg = HAPROXY_CFG.read_text()
     bind = re.search(r"^[ \t]+bind[ \t]+\S*:(\d+)", cfg, flags=re.MULTILINE)
     assert bind is not None
-    assert published_ports(services["lb"]) == [("5555", bind.group(1))]
+    assert published_ports(services["lb"])[0] == ("5555", bind.group(1))
     template = re.search(
         r"^[ \t]+server-template[ \t]+\S+[ \t]+(\d+)[ \t]+([^:\s]+):(\d+)[ \t]+(.*)$",
         cfg,
@@ -223,7 +229,7 @@ def test_compose_tls_override_is_valid_and_off_by_default() -> None:
     assert set(compose_tls()["services"]) == {"gateway", "lb"}
     for name, service in compose()["services"].items():
         assert not any(k.startswith("CHAT_TLS") for k in compose_environment(service)), name
-    assert published_ports(compose()["services"]["lb"]) == [("5555", "5555")]
+    assert all(port[1] != "6697" for port in published_ports(compose()["services"]["lb"]))
 
 
 def test_compose_tls_override_agrees_with_haproxy_cfg() -> None:
@@ -257,6 +263,37 @@ def test_haproxy_cfg_passes_tls_through_to_the_gateways_as_it_routes_5555() -> N
     plain, tls = haproxy_section("backend gateways"), haproxy_section("backend gateways_tls")
     assert not any(re.search(r"\b(ssl|crt|mode http)\b", line) for line in frontend + tls)
     assert [line.replace(":5555 ", ":6697 ") for line in plain] == tls
+
+
+def test_compose_and_haproxy_cfg_agree_on_the_web_port() -> None:
+    """HAProxy's web frontend listens on the web port Compose publishes and sends browsers
+    to the gateways' web port, with the same health check, DNS and slots as the chat
+    backend: the web port is routed as 5555 is."""
+    services = compose()["services"]
+    cfg = HAPROXY_CFG.read_text()
+    frontend = re.search(r"^frontend web\n((?:[ \t]+.*\n)+)", cfg, flags=re.MULTILINE)
+    assert frontend is not None, "deploy/haproxy.cfg has no `frontend web`"
+    bind = re.search(r"^[ \t]+bind[ \t]+\S*:(\d+)$", frontend.group(1), flags=re.MULTILINE)
+    backend_name = re.search(r"^[ \t]+default_backend[ \t]+(\S+)$", frontend.group(1), re.M)
+    assert bind is not None and backend_name is not None
+    assert published_ports(services["lb"])[1] == (WEB_PORTS[0], bind.group(1))
+    backend = re.search(
+        rf"^backend {backend_name.group(1)}\n((?:[ \t]+.*\n?)+)", cfg, flags=re.MULTILINE
+    )
+    assert backend is not None
+    templates = re.findall(
+        r"^[ \t]+server-template[ \t]+\S+[ \t]+(\d+)[ \t]+([^:\s]+):(\d+)[ \t]+(.*)$",
+        cfg,
+        flags=re.MULTILINE,
+    )
+    gateway_web_port = compose_environment(services["gateway"])["CHAT_WEB_PORT"]
+    (web,) = [t for t in templates if t[2] == gateway_web_port]
+    (chat,) = [t for t in templates if t[2] == "5555"]
+    assert web[3] in backend.group(1)
+    assert web[0] == chat[0] and web[1] == chat[1] == "gateway"
+    assert web[3] == chat[3], "the web backend checks the gateways as the chat backend does"
+    # Balancing and checks are in `defaults`, for both backends alike.
+    assert "balance" not in backend.group(1) and "default-server" not in backend.group(1)
 
 
 # ---- Dockerfile -------------------------------------------------------------------------
@@ -306,7 +343,7 @@ def test_dockerfile_runs_the_gateway_as_non_root_with_a_health_check() -> None:
     assert command[:1] == ["chat-gateway"], command
 
     exposed = {w.split("/")[0] for i in final if i.keyword == "EXPOSE" for w in i.words()}
-    assert {"5555", "8080"} <= exposed
+    assert {"5555", "8000", "8080"} <= exposed
     env = dict(w.split("=", 1) for i in final if i.keyword == "ENV" for w in i.words() if "=" in w)
     assert env.get("CHAT_HEALTH_PORT") == "8080"
 

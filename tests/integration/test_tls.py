@@ -11,6 +11,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+import websockets.asyncio.client
 
 from tests.conftest import Cluster
 from tests.support import BIN, ChatClient, GatewayProcess, T, clean_env, free_port, run_cli
@@ -260,7 +261,7 @@ async def test_tls_flags_that_do_not_go_together_are_a_usage_error(certs: Certif
         (("--tls-port", "0"), "--tls-port needs --tls-cert and --tls-key"),
         (("--tls-port", "0", "--tls-cert", str(certs.cert_file)), "--tls-port needs --tls-key"),
         (("--tls-cert", str(certs.cert_file), "--tls-key", str(certs.key_file)),
-         "--tls-cert and --tls-key are for --tls-port, which is not set"),
+         "--tls-cert and --tls-key are for --tls-port or --web-port, neither is set"),
     ]:  # fmt: skip
         status, _, err = await run_cli("chat-gateway", "--port", "0", *args)
         assert status == 2, err
@@ -308,3 +309,48 @@ async def test_chat_client_reconnects_over_tls_after_a_restart(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_web_port_serves_https_and_wss_with_the_certificate(
+    cluster: Cluster, certs: Certificates
+) -> None:
+    """With a certificate and key the web port speaks HTTPS and WSS only (no TLS port
+    needed): the page over HTTPS, the line protocol over WSS, in the same room as a plain
+    TCP user; a plain-HTTP request there gets no page."""
+    (gw,) = await cluster.start(
+        1, "--web-port", "0", "--tls-cert", str(certs.cert_file), "--tls-key",
+        str(certs.key_file),
+    )  # fmt: skip
+    assert re.search(r"web page and WebSocket on [\d.]+:\d+ \(https\)", log_of(gw))
+    context = certs.client_context()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.web_port, ssl=context, server_hostname="localhost"
+    )
+    assert common_name(writer.get_extra_info("peercert")) == "first"
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(T):
+        page = await reader.read()
+    writer.close()
+    assert page.startswith(b"HTTP/1.1 200 ") and b"<html" in page.lower()
+
+    bob = await cluster.user(0, "bob")
+    async with websockets.asyncio.client.connect(
+        f"wss://localhost:{gw.web_port}/ws", ssl=context, open_timeout=T
+    ) as ws:
+        async with asyncio.timeout(T):
+            assert await ws.recv() == "* Choose a name:"
+            await ws.send("ana")
+            assert str(await ws.recv()).startswith("* Welcome, ana! ")
+            assert await bob.readline() == "* ana joined the chat"
+            await ws.send("hello over WSS")
+            assert await bob.readline() == "ana: hello over WSS"
+
+    # Plain HTTP on that port is not served: the handshake fails, the gateway goes on.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.web_port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    async with asyncio.timeout(3 * T):
+        answer = await reader.read()
+    writer.close()
+    assert b"<html" not in answer.lower()
+    assert await bob.readline() == "* ana left the chat"
+    assert "Traceback" not in log_of(gw)
