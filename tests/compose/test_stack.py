@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
+import websockets.asyncio.client
 
 from tests.deploy_support import HAPROXY_CFG, ROOT
 from tests.support import clean_env, free_port
@@ -259,6 +260,30 @@ async def chat_round(users: Iterable[User], speaker: User, text: str) -> None:
         await user.wait_for(rf"^{speaker.name}: {re.escape(text)}$", marks[user.name])
 
 
+async def web_user_chats(port: int, listener: User) -> None:
+    """GET / through ``port`` is the page; a WebSocket user there logs in, says a line
+    that ``listener`` (a line-protocol user) reads, and leaves."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(WAIT):
+        page = await reader.read()
+    writer.close()
+    assert page.startswith(b"HTTP/1.1 200 ") and b"<title>chat</title>" in page, page[:200]
+    say(f"  GET / through :{port}: {len(page)} bytes, the page")
+    mark = listener.mark()
+    async with websockets.asyncio.client.connect(
+        f"ws://127.0.0.1:{port}/ws", open_timeout=WAIT
+    ) as ws:
+        async with asyncio.timeout(WAIT):
+            assert await ws.recv() == "* Choose a name:"
+            await ws.send("dana")
+            assert str(await ws.recv()).startswith("* Welcome, dana! ")
+            await ws.send("hello from a browser")
+            await listener.wait_for(r"^dana: hello from a browser$", mark)
+    await listener.wait_for(r"^\* dana left the chat$", mark)
+    say("  a WebSocket user through HAProxy chatted with the line users")
+
+
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
     """The project, removed whatever the test did (`down -v` is also README's last step)."""
@@ -290,7 +315,8 @@ async def moved_users_back(users: list[User], since: dict[str, int], what: str) 
 async def test_readme_compose_steps_end_to_end(stack: Stack) -> None:
     """README's compose steps, run as written: the stack comes up healthy (HAProxy
     included); users through the published port land on different gateways and chat; `admin
-    who` names each user's gateway by its container name; scaling to 5 moves nobody, scaling
+    who` names each user's gateway by its container name; the web port serves the page,
+    and a WebSocket user chats with them; scaling to 5 moves nobody, scaling
     back to 2 and `docker stop` of a gateway move only that gateway's users, each back in
     under two seconds; `restart redis` keeps presence and history (append-only file); a
     load balancer that cannot start makes `up --wait` fail; `down -v` leaves no container,
@@ -315,6 +341,10 @@ async def test_readme_compose_steps_end_to_end(stack: Stack) -> None:
         assert set(where) == {"ana", "bruno", "chen"}
         assert all(GATEWAY_ID.fullmatch(g) for g in where.values()), where
         assert len(set(where.values())) == 3, f"not one user per gateway: {where}"
+
+        # The chat page, through HAProxy's published web port, and its WebSocket: a
+        # browser user chats with the users of the line protocol.
+        await web_user_chats(int(stack.env["CHAT_WEB_PORT"]), users[0])
 
         # Scale up: new gateways join the rotation; nobody is moved.
         since = {u.name: u.mark() for u in users}

@@ -430,9 +430,9 @@ def test_haproxy_cfg_gives_up_fast_on_a_vanished_gateway() -> None:
     settings = [line for line in lines if line]
     timeouts = dict(line.split()[1:3] for line in settings if line.startswith("timeout "))
     assert haproxy_seconds(timeouts["connect"]) <= 0.25
-    # One per backend: the plain chat's and the TLS chat's.
+    # One, in `defaults`, for every backend (chat, web and TLS) alike.
     default_servers = [line for line in settings if line.startswith("default-server ")]
-    assert len(default_servers) == 2, default_servers
+    assert len(default_servers) == 1, default_servers
     for default_server in default_servers:
         assert "observe layer4 error-limit 1 on-error mark-down" in default_server
     assert "retries 3" in settings and "option redispatch 1" in settings
