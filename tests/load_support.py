@@ -342,9 +342,12 @@ def check_exactly_once(
         assert own == sorted(own), f"{sender.name}'s lines out of order"
         echoed = set(sender.echoes)
         assert set(own) == echoed, f"{sender.name}'s echoes differ from what others saw"
-        assert len(echoed) + len(sender.refused) == len(sender.sent), (
+        # Every line came back or was refused. A line can be both: when the primary dies
+        # after running a write but before answering, the gateway cannot tell, and refuses
+        # a line (a batch of them) that a replica had, and so everyone saw.
+        assert len(sender.refused) >= len(sender.sent) - len(echoed), (
             f"{sender.name}: {len(sender.sent)} sent, {len(echoed)} echoed, "
-            f"{len(sender.refused)} refused"
+            f"only {len(sender.refused)} refused"
         )
 
 
