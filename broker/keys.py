@@ -24,6 +24,7 @@ key                                 type    meaning
                                             renewed
 ``{chat}:gw:<id>:users``            set     folded names held by that gateway
 ``{chat}:gw:<id>:inbox``            pubsub  private messages and kicks for that gateway alone
+``{chat}:gw:<id>:anchor``           pubsub  nothing: keeps a rooms-only subscription open
 ``chat:room:{<room>}:log``          stream  the room's events, capped, oldest trimmed first
 ``chat:room:{<room>}:bus``          pubsub  the same events, live: ``<stream id> <JSON>``
 ``chat:room:{<room>}:members``      hash    session id -> member (JSON: name, gateway)
@@ -52,6 +53,7 @@ GATEWAY_PREFIX = PREFIX + "gw:"
 ALIVE_SUFFIX = ":alive"
 USERS_SUFFIX = ":users"
 INBOX_SUFFIX = ":inbox"
+ANCHOR_SUFFIX = ":anchor"
 
 #: Every global key, in the order the global scripts receive them as KEYS.
 GLOBAL_KEYS = (ONLINE, GATEWAYS, ACTIVITY, REAPING)
@@ -77,6 +79,12 @@ def gateway_users(gateway_id: str) -> str:
 
 def gateway_inbox(gateway_id: str) -> str:
     return f"{GATEWAY_PREFIX}{gateway_id}{INBOX_SUFFIX}"
+
+
+def gateway_anchor(gateway_id: str) -> str:
+    """A channel nobody publishes on: it keeps a connection that reads rooms only (on a
+    Sentinel replica) subscribed while it carries no room."""
+    return f"{GATEWAY_PREFIX}{gateway_id}{ANCHOR_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)

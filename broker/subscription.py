@@ -79,28 +79,26 @@ class Subscription:
     """The inbox of one gateway plus the rooms it hosts, on one connection."""
 
     def __init__(self, pubsub: PubSub, gateway: str, inbox: bool = True) -> None:
-        """Without ``inbox``, the rooms only."""
+        """Without ``inbox``, the rooms only: the connection is then held subscribed by an
+        anchor channel that nothing is published on. redis-py sends a health-check PING
+        and reads its answer itself when it sends a command on a pub/sub connection with
+        no subscription left, racing the reader of :meth:`batches` for the socket."""
         self._pubsub = pubsub
         self._inbox = keys.gateway_inbox(gateway)
-        self._with_inbox = inbox
+        self._first = self._inbox if inbox else keys.gateway_anchor(gateway)
         self._confirming: dict[str, asyncio.Future[None]] = {}
         self._early: list[dict[str, Any]] = []
         #: Folded names of the rooms subscribed (or being subscribed) to.
         self.rooms: set[str] = set()
-        #: Set once a subscription was sent: from then on there is something to read.
-        self.started = asyncio.Event()
 
     async def open(self, rooms: Iterable[str]) -> None:
         """Subscribe to the inbox and ``rooms`` and wait, reading, for Redis to confirm."""
         rooms = list(rooms)
-        channels = [*([self._inbox] if self._with_inbox else []), *map(_channel, rooms)]
+        channels = [self._first, *map(_channel, rooms)]
         self.rooms.update(rooms)
         waiting = set(channels)
-        if not channels:
-            return
         with unavailable_on_error("subscribe"):
             await self._pubsub.subscribe(*channels)
-            self.started.set()
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 while waiting:
                     message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
@@ -121,7 +119,6 @@ class Subscription:
         try:
             with unavailable_on_teardown("subscribe"):
                 await self._pubsub.subscribe(channel)
-                self.started.set()
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
                     await future
         except TimeoutError:
@@ -203,25 +200,17 @@ class SplitSubscription:
         await self._rooms.remove(room)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
-        """Both connections' batches as they come (the rooms' once one is subscribed to)."""
-        inbox = self._inbox.batches()
-        rooms = self._rooms.batches()
-        waiting: dict[asyncio.Future[Any], AsyncIterator[list[Delivery]] | None] = {
-            asyncio.ensure_future(anext(inbox)): inbox,
-            asyncio.ensure_future(self._rooms.started.wait()): None,
-        }
+        """Both connections' batches as they come."""
+        sources = [self._inbox.batches(), self._rooms.batches()]
+        waiting = {asyncio.ensure_future(anext(source)): source for source in sources}
         try:
             while True:
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
                     source = waiting.pop(future)
-                    if source is None:  # the rooms' connection is there: read it too
-                        source, batch = rooms, None
-                    else:
-                        batch = future.result()
+                    batch = future.result()
                     waiting[asyncio.ensure_future(anext(source))] = source
-                    if batch:
-                        yield batch
+                    yield batch
         finally:
             for future in waiting:
                 future.cancel()

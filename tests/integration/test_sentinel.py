@@ -15,7 +15,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import redis.asyncio as aioredis
 
+from broker import keys
+from broker.subscription import SplitSubscription
 from tests.load_support import (
     BACK_NOTICE,
     DOWN_NOTICE,
@@ -30,7 +33,7 @@ from tests.load_support import (
     users_in,
     who_names,
 )
-from tests.support import GatewayProcess, T
+from tests.support import GatewayProcess, RedisServer, T
 from tests.topologies import SentinelFixture
 
 pytestmark = pytest.mark.integration
@@ -132,3 +135,38 @@ async def test_the_old_primary_comes_back_as_a_replica_and_can_take_over_again(
         assert sorted(await who_names(sentinel.url)) == sorted(u.name for u in second)
     finally:
         await close_all(second)
+
+
+async def test_the_rooms_connection_stays_subscribed_once_its_last_room_is_gone(
+    redis_server: RedisServer,
+) -> None:
+    """The replica's connection carries rooms only. When its last room goes it stays
+    subscribed (to the gateway's anchor channel): redis-py sends a health-check PING and
+    reads its answer itself when it sends a command on a pub/sub connection with no
+    subscription, racing the reader for the socket ("read() called while another coroutine
+    is already waiting", seen in a failover test). The next room then goes on that same
+    connection and is delivered. (A real Redis stands for both primary and replica.)"""
+    primary = aioredis.Redis.from_url(redis_server.url)
+    replica = aioredis.Redis.from_url(redis_server.url)
+    subscription = SplitSubscription(replica.pubsub(), primary.pubsub(), "gw-1")
+    try:
+        await subscription.open(["#math"])
+        batches = subscription.batches()
+        reading = asyncio.ensure_future(anext(batches))
+        await subscription.remove("#math")
+        rooms_pubsub = subscription._rooms._pubsub
+        async with asyncio.timeout(T):  # the reader takes Redis's confirmation
+            while rooms_pubsub.pending_unsubscribe_channels:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert rooms_pubsub.subscribed
+        await subscription.add("#art")
+        await primary.publish(
+            keys.room("#art").channel, '1-0 {"kind":"msg","name":"ana","text":"hi"}'
+        )
+        async with asyncio.timeout(T):
+            batch = await reading
+        assert [room for room, _ in batch] == ["#art"]
+    finally:
+        await subscription.close()
+        await primary.aclose()
+        await replica.aclose()
