@@ -210,7 +210,37 @@ class GatewayProcess:
         assert "Traceback" not in self.log.text(), self.log.text()
 
 
-class ChatClient:
+class LineClient:
+    """What a test does with a line client, whatever carries its lines (TCP, TLS or a
+    WebSocket): subclasses give ``send``, ``readline`` and ``name``."""
+
+    async def send(self, line: str | bytes) -> None:
+        raise NotImplementedError
+
+    async def readline(self, timeout: float = T) -> str:
+        raise NotImplementedError
+
+    async def expect(self, want: str | Callable[[str], bool], timeout: float = T) -> list[str]:
+        """Read until a line equal to ``want`` (or satisfying it); return every line read."""
+        seen: list[str] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self.readline(timeout)
+                seen.append(line)
+                if (line == want) if isinstance(want, str) else want(line):
+                    return seen
+
+    async def login(self, name: str) -> str:
+        """Answer the prompt with ``name``; return the welcome line."""
+        assert await self.readline() == "* Choose a name:"
+        await self.send(name)
+        line = await self.readline()
+        assert line.startswith(f"* Welcome, {name}!"), line
+        self.name = name
+        return line
+
+
+class ChatClient(LineClient):
     """A line client speaking the wire protocol directly, as netcat would."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -255,25 +285,6 @@ class ChatClient:
             raise EOFError("the server closed the connection")
         assert raw.endswith(b"\n"), raw
         return raw[:-1].decode("utf-8")
-
-    async def expect(self, want: str | Callable[[str], bool], timeout: float = T) -> list[str]:
-        """Read until a line equal to ``want`` (or satisfying it); return every line read."""
-        seen: list[str] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self.readline(timeout)
-                seen.append(line)
-                if (line == want) if isinstance(want, str) else want(line):
-                    return seen
-
-    async def login(self, name: str) -> str:
-        """Answer the prompt with ``name``; return the welcome line."""
-        assert await self.readline() == "* Choose a name:"
-        await self.send(name)
-        line = await self.readline()
-        assert line.startswith(f"* Welcome, {name}!"), line
-        self.name = name
-        return line
 
     async def at_eof(self, timeout: float = T) -> bool:
         """True once the server has closed, reading and discarding what comes before."""
@@ -397,7 +408,7 @@ class Timers:
                 callback()
 
 
-class WsClient:
+class WsClient(LineClient):
     """A WebSocket client of the web port's ``/ws``, with :class:`ChatClient`'s manners:
     one text frame per line each way."""
 
@@ -438,24 +449,6 @@ class WsClient:
         assert isinstance(frame, str), f"a binary frame from the server: {frame!r}"
         assert "\n" not in frame, frame
         return frame
-
-    async def expect(self, want: str | Callable[[str], bool], timeout: float = T) -> list[str]:
-        """Read until a line equal to ``want`` (or satisfying it); return every line read."""
-        seen: list[str] = []
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self.readline(timeout)
-                seen.append(line)
-                if (line == want) if isinstance(want, str) else want(line):
-                    return seen
-
-    async def login(self, name: str) -> str:
-        assert await self.readline() == "* Choose a name:"
-        await self.send(name)
-        line = await self.readline()
-        assert line.startswith(f"* Welcome, {name}!"), line
-        self.name = name
-        return line
 
     async def closed(self, timeout: float = T) -> tuple[int | None, str]:
         """(close code, reason) once the server has closed, discarding frames before."""
