@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support import ChatClient, GatewayProcess, RedisServer, WsClient
+from tests.tls_support import Certificates
 from tests.topologies import ClusterFixture
 
 
@@ -77,3 +79,11 @@ async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
     c = Cluster(redis_server)
     yield c
     await c.close()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certificates:
+    """A CA of the test's own and a certificate for loopback, on disk for gateways."""
+    certificates = Certificates(tmp_path / "ca-1")
+    certificates.issue(common_name="first")
+    return certificates

@@ -33,14 +33,6 @@ from tests.tls_support import Certificates, common_name
 RESTART_NOTICE = "* Server restarting: please reconnect."
 
 
-@pytest.fixture
-def certs(tmp_path: Path) -> Certificates:
-    """A CA of the test's own and a certificate for loopback, on disk for a gateway."""
-    certificates = Certificates(tmp_path / "ca-1")
-    certificates.issue(common_name="first")
-    return certificates
-
-
 def tls_config(certs: Certificates, **settings: Any) -> GatewayConfig:
     return GatewayConfig(
         host="127.0.0.1", port=settings.pop("port", 0), history=0,

@@ -22,14 +22,6 @@ pytestmark = pytest.mark.integration
 RESTART_NOTICE = "* Server restarting: please reconnect."
 
 
-@pytest.fixture
-def certs(tmp_path: Path) -> Certificates:
-    """A CA of the test's own and a certificate for loopback, on disk for the gateways."""
-    certificates = Certificates(tmp_path / "ca-1")
-    certificates.issue(common_name="first")
-    return certificates
-
-
 async def tls_user(cluster: Cluster, port: int, name: str, context: ssl.SSLContext) -> ChatClient:
     """A raw TLS line client (as `openssl s_client` would be) logged in as ``name``."""
     client = await ChatClient.connect(port, tls=context)
