@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from contextlib import suppress
 from typing import Any
@@ -65,11 +66,14 @@ async def _connect_read_only(connection: Any) -> None:
 class _Shard:
     """The subscription connection to one node, and the channels subscribed there."""
 
-    def __init__(self, name: str, host: str, port: int, connection_kwargs: dict[str, Any]):
+    def __init__(
+        self, name: str, node: ClusterNode, client_name: str, connection_kwargs: dict[str, Any]
+    ):
         self.name = name
         self.client = aioredis.Redis(
-            host=host,
-            port=port,
+            host=node.host,
+            port=int(node.port),
+            client_name=client_name,
             redis_connect_func=_connect_read_only,
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=CONNECT_TIMEOUT,
@@ -80,9 +84,24 @@ class _Shard:
         )
         self.pubsub = self.client.pubsub()
         self.channels: set[str] = set()
-        #: Channels unsubscribed on purpose: their ``sunsubscribe`` is no news.
-        self.leaving: set[str] = set()
+        #: Unsubscriptions sent on purpose and not yet answered, per channel: their
+        #: ``sunsubscribe`` is no news, even when the channel was subscribed again since
+        #: (the answers come in the order the commands went).
+        self.leaving: Counter[str] = Counter()
         self.reader: asyncio.Task[None] | None = None
+        #: One command sent at a time: the first one connects, and redis-py's PubSub
+        #: would open a second connection for another command sent meanwhile.
+        self._sending = asyncio.Lock()
+
+    async def subscribe(self, channel: str) -> None:
+        async with self._sending:
+            await self.pubsub.ssubscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Leave ``channel`` on purpose: its ``sunsubscribe`` is expected."""
+        self.leaving[channel] += 1
+        async with self._sending:
+            await self.pubsub.sunsubscribe(channel)
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -101,6 +120,8 @@ class ShardedSubscription:
     def __init__(self, cluster: RedisCluster, gateway: str) -> None:
         self._cluster = cluster
         self._inbox = keys.gateway_inbox(gateway)
+        #: Named in CLIENT LIST (which allows no spaces in a name).
+        self._client_name = "".join("_" if c.isspace() else c for c in f"{gateway}:bus")
         self._shards: dict[str, _Shard] = {}
         #: Channel -> the node it is subscribed on (or being subscribed on).
         self._where: dict[str, str] = {}
@@ -148,9 +169,8 @@ class ShardedSubscription:
         if not shard.channels:
             self._drop(shard)
             return
-        shard.leaving.add(channel)
         with unavailable_on_teardown("unsubscribe"):
-            await shard.pubsub.sunsubscribe(channel)
+            await shard.unsubscribe(channel)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
         """The events received from every node, in arrival order per node, each batch what
@@ -213,13 +233,12 @@ class ShardedSubscription:
         shard = self._shards.get(node.name)
         if shard is None:
             shard = self._shards[node.name] = _Shard(
-                node.name, node.host, int(node.port), self._connection_kwargs
+                node.name, node, self._client_name, self._connection_kwargs
             )
         self._where[channel] = node.name
         shard.channels.add(channel)
-        shard.leaving.discard(channel)
         try:
-            await shard.pubsub.ssubscribe(channel)
+            await shard.subscribe(channel)
         except BaseException:
             shard.channels.discard(channel)
             self._where.pop(channel, None)
@@ -271,8 +290,10 @@ class ShardedSubscription:
             elif was_lost:
                 self._regained(channel)
         elif kind == "sunsubscribe":
-            if channel in shard.leaving:
-                shard.leaving.discard(channel)
+            if shard.leaving[channel]:
+                shard.leaving[channel] -= 1
+                if not shard.leaving[channel]:
+                    del shard.leaving[channel]
             elif channel in shard.channels:
                 # Not asked for: the channel's slot has moved to another node.
                 log.info("%s left %s: its slot moved", channel, shard.name)
@@ -297,9 +318,8 @@ class ShardedSubscription:
                     log.info("reading %s on %s from now on, not %s", channel, node.name, where)
                     self._lose([channel], shard)
                     if shard.channels:
-                        shard.leaving.add(channel)
                         with suppress(redis.exceptions.RedisError, OSError, AttributeError):
-                            await shard.pubsub.sunsubscribe(channel)
+                            await shard.unsubscribe(channel)
 
     # -- regaining lost channels ---------------------------------------------------------
 
