@@ -31,6 +31,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from broker.errors import BrokerUnavailable
+from broker.translate import text
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,27 @@ def _cluster(url: str) -> Connection:
     return Connection(Mode.CLUSTER, commands, bus, f"Redis Cluster at {redact_url(url)}")
 
 
+async def _connect_in_sync(connection: Any) -> None:
+    """Set up a connection of the replica pool (Sentinel): to a replica whose link to its
+    primary is up, or to the primary itself (the pool's last resort); any other node is
+    passed over (a ``ConnectionError`` makes the pool try the next one). Sentinel goes on
+    listing a killed primary that comes back as a replica for some ten seconds before it
+    makes it one, while it is still an empty primary: room traffic read there, or a gap
+    replayed from there, would be nothing."""
+    await connection.on_connect()
+    await connection.send_command("ROLE")
+    role = await connection.read_response()
+    kind = text(role[0])
+    if kind == "slave" and text(role[3]) == "connected":
+        return
+    if kind == "master":
+        primary = await connection.connection_pool.get_master_address()
+        if (connection.host, int(connection.port)) == (primary[0], int(primary[1])):
+            return
+    where = f"{connection.host}:{connection.port}"
+    raise redis.exceptions.ConnectionError(f"{where} is not a replica in sync ({kind})")
+
+
 def sentinel(url: str) -> Connection:
     """The clients of the primary that the Sentinels in ``url`` monitor, and of one of its
     replicas. Nothing is contacted yet."""
@@ -198,7 +220,9 @@ def sentinel(url: str) -> Connection:
     )
     commands = watch.master_for(address.service, max_connections=MAX_CONNECTIONS, retry=_retrying())
     bus = watch.master_for(address.service, retry=_never_retrying())
-    replica = watch.slave_for(address.service, retry=_never_retrying())
+    replica = watch.slave_for(
+        address.service, retry=_never_retrying(), redis_connect_func=_connect_in_sync
+    )
     return Connection(
         Mode.SENTINEL,
         commands,

@@ -11,6 +11,7 @@ Inbound traffic is thus proportional to the rooms a gateway hosts, not to the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 DOWN_NOTICE_DELAY = 1.0
 #: Backoff bounds, seconds, for subscribing again after the link broke.
 RETRY_MIN, RETRY_MAX = 0.1, 5.0
+#: Seconds a user entering a room waits, at most, for a subscription that is down to be
+#: made again (at once: the backoff's pause is cut short for them).
+RESUBSCRIBE_WAIT = 2.0
 #: Live events held per room while its gap is replayed, at most: past that they are let
 #: go, and fetched from the room's stream by another round of the replay.
 MAX_HELD_EVENTS = 10_000
@@ -58,6 +62,10 @@ class Relay:
         self._on_inbox = on_inbox
         self._on_service = on_service
         self._subscription: BusSubscription | None = None
+        #: Set while the subscription is up (made and caught up).
+        self._live = asyncio.Event()
+        #: Set to cut the pause before the next try short: someone is waiting.
+        self._hurry = asyncio.Event()
         self._changes = asyncio.Lock()
         self._unsubscribing: set[asyncio.Task[None]] = set()
         self._down_notice: asyncio.TimerHandle | None = None
@@ -92,6 +100,7 @@ class Relay:
                     if self.subscribed.is_set():
                         log.info("bus subscription restored")
                     self.subscribed.set()
+                    self._live.set()
                     self._service_up()
                     delay = RETRY_MIN
                     async for batch in subscription.batches():
@@ -100,9 +109,31 @@ class Relay:
                 log.warning("bus subscription lost (%s); retrying in %.1fs", exc, delay)
             finally:
                 self._subscription = None
+                self._live.clear()
             self._service_down()
-            await asyncio.sleep(delay)
+            await self._pause(delay)
             delay = min(delay * 2, RETRY_MAX)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before the next try, or only the shortest pause if a
+        user is waiting (or comes to wait meanwhile)."""
+        await asyncio.sleep(RETRY_MIN)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay - RETRY_MIN):
+                await self._hurry.wait()
+        self._hurry.clear()
+
+    async def _live_subscription(self) -> BusSubscription:
+        """The subscription; if it is down, made again at once (waiting at most
+        :data:`RESUBSCRIBE_WAIT`), else :class:`BrokerUnavailable`."""
+        if self._subscription is None:
+            self._hurry.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESUBSCRIBE_WAIT):
+                    await self._live.wait()
+        if self._subscription is None:
+            raise BrokerUnavailable("the bus subscription is down")
+        return self._subscription
 
     async def host(self, key: str, member: Member) -> tuple[Room, asyncio.Future[None]]:
         """Host room ``key`` for ``member``, who is about to enter it: returns the room and
@@ -112,9 +143,7 @@ class Relay:
         admitted = room.expect(member)
         try:
             async with self._changes:
-                subscription = self._subscription
-                if subscription is None:
-                    raise BrokerUnavailable("the bus subscription is down")
+                subscription = await self._live_subscription()
                 if key not in subscription.rooms:
                     await subscription.add(key)
         except BaseException:

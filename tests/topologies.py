@@ -626,12 +626,34 @@ class SentinelFixture:
 
     async def restart_old_primary(self, timeout: float = 6 * T) -> None:
         """Start the killed primary again (on its port and dir, without data); the Sentinels
-        turn it into a replica of the new primary (they wait ~8 s after it reappears before
+        turn it into a replica of the new primary (they wait ~10 s after it reappears before
         doing so). Waits until it is a replica in sync."""
         assert not self.replica.alive, "no primary was killed"
         await self.replica.start()
         what = "the old primary rejoined"
         await poll(lambda: self._link_up(self.replica), timeout, what, self.nodes)
+
+    async def return_old_primary_unconverted(self, timeout: float = 2 * T) -> None:
+        """Start the killed primary again and return while every Sentinel lists it as a
+        healthy replica but it still is an (empty) primary: the ~10 s before they turn it
+        into a replica."""
+        assert not self.replica.alive, "no primary was killed"
+        old = self.replica
+        await old.start()
+
+        async def listed_healthy(sentinel: RedisNode) -> bool:
+            async with sentinel.client() as r:
+                replicas: Any = await r.sentinel_slaves(self.service)
+            return any(
+                r["port"] == old.port and not (r["is_sdown"] or r["is_disconnected"])
+                for r in replicas
+            )
+
+        async def window() -> bool:
+            listed = all([await listed_healthy(s) for s in self.sentinels])
+            return listed and await old.role() == "master"
+
+        await poll(window, timeout, "the Sentinels list the old primary as a replica", self.nodes)
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.sentinels))

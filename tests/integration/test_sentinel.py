@@ -11,6 +11,7 @@ exactly once, in order; any other line is answered with `! `.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -121,9 +122,50 @@ async def test_the_primary_killed_under_load_fails_over_with_nothing_lost(
         await close_all([watcher, leaver, *users])
 
 
-# The reverse (the old primary back as a replica, then taking over in turn) is not here
-# yet: after the old primary came back, a login was refused "unavailable" in one CI run of
-# four; see the note of the stop that added this file. Issue 11 stays open for it.
+async def test_the_old_primary_comes_back_as_a_replica_and_can_take_over_again(
+    sentinel: SentinelFixture, gateways: list[GatewayProcess]
+) -> None:
+    """After a failover the killed primary returns as a replica of the new one; when the
+    new one is killed in turn, the returned one takes over, and again nothing is lost."""
+    first, _ = await fail_over_under_load(sentinel, gateways, "a")
+    await close_all(first)
+    await sentinel.restart_old_primary()
+    second, back_after = await fail_over_under_load(sentinel, gateways, "b")
+    try:
+        assert back_after < 10, f"service back after {back_after:.1f}s"
+        assert sorted(await who_names(sentinel.url)) == sorted(u.name for u in second)
+    finally:
+        await close_all(second)
+
+
+async def test_an_old_primary_back_is_not_read_before_it_is_a_replica(
+    sentinel: SentinelFixture, gateways: list[GatewayProcess]
+) -> None:
+    """A killed primary that comes back is listed by Sentinel as a replica some ten
+    seconds before Sentinel makes it one; meanwhile it is an empty primary that nothing is
+    published on. A gateway subscribing then reads its rooms elsewhere (here the primary,
+    the only node in sync), so its users miss nothing."""
+    await sentinel.kill_primary()
+    old = sentinel.replica
+    await sentinel.return_old_primary_unconverted()
+    late = GatewayProcess("gw-late", sentinel.url, *LOAD_FLAGS)
+    await late.start()
+    users: list[LeanClient] = []
+    try:
+        users = await users_in([gateways[0], late], "#math", "w")
+        # Still in the window, and nothing of ours listens on the old primary.
+        assert await old.role() == "master"
+        listing = await old.call("CLIENT", "LIST")
+        ours = [c for c in listing.splitlines() if not re.search(r"\bname=sentinel-", c)]
+        assert not [c for c in ours if re.search(r"\bsub=[1-9]", c)], ours
+        log = MessageLog()
+        marker = users[0].say(log)
+        assert marker is not None
+        assert await users[1].wait_until(lambda: marker in users[1].msg_ids, 3 * T)
+    finally:
+        await close_all(users)
+        await late.stop()
+        late.assert_no_traceback()
 
 
 async def test_the_rooms_connection_stays_subscribed_once_its_last_room_is_gone(
