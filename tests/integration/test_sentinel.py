@@ -144,7 +144,9 @@ async def test_an_old_primary_back_is_not_read_before_it_is_a_replica(
     """A killed primary that comes back is listed by Sentinel as a replica some ten
     seconds before Sentinel makes it one; meanwhile it is an empty primary that nothing is
     published on. A gateway subscribing then reads its rooms elsewhere (here the primary,
-    the only node in sync), so its users miss nothing."""
+    the only node in sync), so its users miss nothing. (The first login also finds gw-1's
+    relay pausing seconds between tries after the failover: it must not be refused for
+    that, but have the subscription made again at once.)"""
     await sentinel.kill_primary()
     old = sentinel.replica
     await sentinel.return_old_primary_unconverted()
