@@ -26,6 +26,8 @@ key                                 type    meaning
 ``{chat}:gw:<id>:inbox``            pubsub  private messages and kicks for that gateway alone
 ``{chat}:gw:<id>:anchor``           pubsub  nothing: keeps a rooms-only subscription open
 ``chat:room:{<room>}:log``          stream  the room's events, capped, oldest trimmed first
+``chat:room:{<room>}:said``         stream  its chat messages alone, under their ids in the
+                                            log, capped: what history reads
 ``chat:room:{<room>}:bus``          pubsub  the same events, live: ``<stream id> <JSON>``
 ``chat:room:{<room>}:members``      hash    session id -> member (JSON: name, gateway)
 ``chat:room:{<room>}:name``         string  the room's name as its first member typed it
@@ -64,6 +66,9 @@ GLOBAL_ARGS = (GATEWAY_PREFIX, ALIVE_SUFFIX, USERS_SUFFIX, INBOX_SUFFIX)
 #: replay what a gateway missed during a broker blip of several seconds at high traffic,
 #: small enough (a few MB) to cost nothing in Redis memory.
 STREAM_MAXLEN = 10_000
+#: Chat messages kept per room for history (approximately): ten times what ``/history``
+#: shows at most, so paging back has room.
+SAID_MAXLEN = 1_000
 
 #: How long a forced leave is remembered: far longer than any retry of it takes.
 LEFT_MARK_TTL_MS = 3_600_000
@@ -95,10 +100,11 @@ class RoomKeys:
     channel: str
     members: str
     name: str
+    said: str
 
-    def scripts_keys(self) -> tuple[str, str, str, str]:
+    def scripts_keys(self) -> tuple[str, str, str, str, str]:
         """The room's keys in the order the room scripts receive them as KEYS."""
-        return (self.stream, self.channel, self.members, self.name)
+        return (self.stream, self.channel, self.members, self.name, self.said)
 
     def left_mark(self, session_id: str) -> str:
         return f"{self.members.removesuffix(':members')}:left:{session_id}"
@@ -107,7 +113,7 @@ class RoomKeys:
 def room(room_key: str) -> RoomKeys:
     """The keys of the room whose folded name is ``room_key`` (``#math``)."""
     base = f"chat:room:{{{room_key}}}"
-    return RoomKeys(f"{base}:log", f"{base}:bus", f"{base}:members", f"{base}:name")
+    return RoomKeys(f"{base}:log", f"{base}:bus", f"{base}:members", f"{base}:name", f"{base}:said")
 
 
 def room_of_channel(channel: str) -> str | None:

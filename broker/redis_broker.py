@@ -48,8 +48,6 @@ ONCE_ONLY = frozenset({"publish", "send_to_holder"})
 #: writes (:mod:`broker.durable`). These write nothing a failover must keep: a renewal,
 #: activity times, or nothing at all.
 UNREPLICATED = frozenset({"heartbeat", "touch", "held_by", "send_to_holder"})
-#: Stream pages read backwards, at most, to find the last messages among joins and leaves.
-HISTORY_PAGES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +187,7 @@ class RedisBroker:
         return await self._run(
             name,
             [*keys.room(room).scripts_keys(), *extra_keys],
-            [keys.STREAM_MAXLEN, permanent, *args],
+            [keys.STREAM_MAXLEN, keys.SAID_MAXLEN, permanent, *args],
         )
 
     async def _run(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
@@ -209,10 +207,12 @@ class RedisBroker:
 
     # -- rooms ---------------------------------------------------------------------------
 
-    async def publish(self, room: str, bodies: Sequence[str]) -> list[str]:
+    async def publish(self, room: str, bodies: Sequence[str], said: bool = True) -> list[str]:
         """Append events (encoded) to ``room`` and publish them, in order, in one atomic
-        step. Returns their stream ids (none if the room has gone: nobody is there)."""
-        return [text(i) for i in await self._room("publish", room, bodies)]
+        step; chat messages (``said``) are kept for history too. Returns their stream ids
+        (none if the room has gone: nobody is there)."""
+        flag = "1" if said else "0"
+        return [text(i) for i in await self._room("publish", room, [flag, *bodies])]
 
     async def enter(self, room: str, shown: str, members: Sequence[Member]) -> Entered:
         """Make ``members`` members of ``room`` (created, named ``shown``, if new), each
@@ -263,27 +263,14 @@ class RedisBroker:
 
     async def history(self, room: str, count: int, before: str | None = None) -> list[ChatMessage]:
         """The last ``count`` chat messages of ``room`` (before stream id ``before``), oldest
-        first.
-
-        Joins and leaves share the stream; reading backwards page by page skips them, with a
-        bound on pages so a room of only joins and leaves cannot make this scan for long.
-        """
-        found: list[ChatMessage] = []
+        first: one read of the room's stream of what was said, however many joins and
+        leaves came since."""
         upper = f"({before}" if before else "+"
-        page_size = max(4 * count, 64)
-        stream = keys.room(room).stream
         with unavailable_on_error("history"):
-            for _ in range(HISTORY_PAGES):
-                page = await self._commands.xrevrange(stream, max=upper, min="-", count=page_size)
-                for event in _decode_entries(page):
-                    if isinstance(event, ChatMessage):
-                        found.append(event)
-                        if len(found) == count:
-                            return found[::-1]
-                if not page or len(page) < page_size:
-                    break
-                upper = "(" + text(page[-1][0] or "")
-        return found[::-1]
+            page = await self._commands.xrevrange(
+                keys.room(room).said, max=upper, min="-", count=count
+            )
+        return [e for e in _decode_entries(page[::-1]) if isinstance(e, ChatMessage)]
 
     async def events_after(self, room: str, event_id: str) -> list[RoomEvent]:
         """Every event of ``room`` still in its stream after ``event_id``, oldest first.
@@ -327,7 +314,7 @@ class RedisBroker:
         )
         reached = 0
         for key in rooms:
-            reached += bool(await self.publish(key, [encode_announcement(text_)]))
+            reached += bool(await self.publish(key, [encode_announcement(text_)], said=False))
         return reached
 
     # -- presence ------------------------------------------------------------------------

@@ -15,8 +15,8 @@ Calling conventions, shared so that the preludes can name things:
 * global: ``KEYS = [online, gateways, activity, reaping]``,
   ``ARGV = [gateway key prefix, alive suffix, users suffix, inbox suffix, ...]``; per-gateway
   keys are built from that prefix and those suffixes (:mod:`broker.keys` supplies them);
-* room: ``KEYS = [stream, channel, members, name, ...]``,
-  ``ARGV = [stream maxlen, "1" if the room is permanent else "0", ...]``.
+* room: ``KEYS = [stream, channel, members, name, said, ...]``,
+  ``ARGV = [stream maxlen, said maxlen, "1" if the room is permanent else "0", ...]``.
 
 Events go out by pub/sub, through the command named ``PUBLISH`` in Lua: ``PUBLISH`` on one
 Redis server, ``SPUBLISH`` on a Redis Cluster, where sharded pub/sub keeps each room's
@@ -47,8 +47,8 @@ end
 """
 
 ROOM_PRELUDE = """
-local STREAM, CHANNEL, MEMBERS, NAME = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local MAXLEN, PERMANENT = ARGV[1], ARGV[2] == '1'
+local STREAM, CHANNEL, MEMBERS, NAME, SAID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local MAXLEN, SAID_MAXLEN, PERMANENT = ARGV[1], ARGV[2], ARGV[3] == '1'
 
 -- Append an event to the room stream and publish it with its id: one order for both.
 local function emit(data)
@@ -60,30 +60,37 @@ end
 -- A room is gone with its last member (the default room stays).
 local function vacate()
   if not PERMANENT and redis.call('EXISTS', MEMBERS) == 0 then
-    redis.call('DEL', STREAM, NAME)
+    redis.call('DEL', STREAM, NAME, SAID)
   end
 end
 """
 
 # --- room scripts ---------------------------------------------------------------------------
 
-# ARGV[3..]: encoded events. Returns their stream ids, in order; none if the room has no
+# ARGV[4]: "1" if the events are chat messages, which are also kept, under the same ids,
+# in the stream of what was said (history reads it, never walking past joins and leaves).
+# ARGV[5..]: encoded events. Returns their stream ids, in order; none if the room has no
 # members any more (a room other than the default one is gone then, and stays gone).
 PUBLISH = """
 if not PERMANENT and redis.call('EXISTS', MEMBERS) == 0 then return {} end
+local said = ARGV[4] == '1'
 local ids = {}
-for i = 3, #ARGV do ids[#ids + 1] = emit(ARGV[i]) end
+for i = 5, #ARGV do
+  local id = emit(ARGV[i])
+  if said then redis.call('XADD', SAID, 'MAXLEN', '~', SAID_MAXLEN, id, 'd', ARGV[i]) end
+  ids[#ids + 1] = id
+end
 return ids
 """
 
-# ARGV[3]: the room's name as typed, kept if the room is new; then triples: session, member
+# ARGV[4]: the room's name as typed, kept if the room is new; then triples: session, member
 # record, join event ("": enter silently). Each session not yet a member is added and its
 # join announced. Returns {members, the room's name, then per triple the join's stream id
 # or "" (already a member, or silent)}.
 ENTER = """
-redis.call('SET', NAME, ARGV[3], 'NX')
+redis.call('SET', NAME, ARGV[4], 'NX')
 local ids = {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local id = ''
   if redis.call('HSETNX', MEMBERS, ARGV[i], ARGV[i + 1]) == 1 and ARGV[i + 2] ~= '' then
     id = emit(ARGV[i + 2])
@@ -95,12 +102,12 @@ for _, id in ipairs(ids) do result[#result + 1] = id end
 return result
 """
 
-# ARGV[3..]: pairs of session, leave event. Each session still a member is removed and its
+# ARGV[4..]: pairs of session, leave event. Each session still a member is removed and its
 # leave announced. Returns, per pair, the leave's stream id or "" (not a member: already
 # gone, so nothing to announce).
 LEAVE = """
 local ids = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local id = ''
   if redis.call('HDEL', MEMBERS, ARGV[i]) == 1 then id = emit(ARGV[i + 1]) end
   ids[#ids + 1] = id
@@ -109,13 +116,13 @@ vacate()
 return ids
 """
 
-# KEYS[5]: the session's "left" mark. ARGV[3..5]: session, leave event, mark TTL (ms).
+# KEYS[6]: the session's "left" mark. ARGV[4..6]: session, leave event, mark TTL (ms).
 # The leave of a user whose membership Redis lost with its data: announced unless this
 # session's leave was announced already (a retry after a lost reply). Returns 1 if
 # announced.
 FORCE_LEAVE = """
-local session, event, ttl = ARGV[3], ARGV[4], ARGV[5]
-if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ttl) then return 0 end
+local session, event, ttl = ARGV[4], ARGV[5], ARGV[6]
+if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ttl) then return 0 end
 redis.call('HDEL', MEMBERS, session)
 emit(event)
 vacate()
