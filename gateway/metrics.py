@@ -23,7 +23,7 @@ import enum
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -38,6 +38,11 @@ __all__ = ["CONTENT_TYPE", "Counts", "GatewayMetrics", "Refusal", "Snapshot"]
 #: The classic text format, which every Prometheus reads. (prometheus_client's own
 #: CONTENT_TYPE_LATEST says ``version=1.0.0`` from 0.22 on; our names need nothing newer.)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# No ``*_created`` series beside each histogram: the text format has no place for them, so
+# they would come out as gauges of their own, and Prometheus does not need them. (A setting
+# of the library, for the whole process: the gateway is the process's one exporter.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Seconds from a name sent to the user admitted to its room: a claim and a join are a few
 #: Redis round trips (milliseconds); a join event never seen is admitted after 5 s anyway.

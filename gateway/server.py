@@ -125,6 +125,8 @@ class Gateway:
         self.tls = tls
         #: The TLS port bound (the configured one, or the one picked for port 0); 0: none.
         self.tls_port = 0
+        #: The health port bound (GET /health, /stats, /metrics); 0: none.
+        self.health_port = 0
         self._server: asyncio.Server | None = None
         self._tls_server: asyncio.Server | None = None
         self._health = HealthServer(self.health, self.stats, self.metrics.exposition)
@@ -196,6 +198,7 @@ class Gateway:
                 raise StartupError(
                     f"cannot serve health on port {self.config.health_port}: {exc.strerror}"
                 ) from exc
+            self.health_port = bound
             log.info("health endpoint on %s:%d", host, bound)
 
     async def _listen(self, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
