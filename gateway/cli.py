@@ -139,7 +139,8 @@ async def serve(config: GatewayConfig) -> None:
     show_envvar=True,
     default=None,
     type=click.IntRange(0, 65535),
-    help="Serve GET /health on this port: 200 while connected to Redis, else 503.  [default: off]",
+    help="Serve GET /health on this port (200 while connected to Redis, else 503), and "
+    "GET /metrics (Prometheus).  [default: off]",
 )
 @click.option(
     "--tls-port",
