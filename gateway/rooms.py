@@ -231,7 +231,7 @@ class Room:
         self._broadcast_all(lines, messages)
         if first:
             # Once per batch; the stream id is Redis's clock, ours may be a little behind.
-            self._counts.latency(max(0.0, time.time() - first / 1000))
+            self._counts.observe_latency(max(0.0, time.time() - first / 1000))
 
     def _own_event(self, event: UserJoined | UserLeft) -> None:
         """A join or leave of a session held here."""

@@ -25,7 +25,7 @@ from chatwire.texts import LINE_TOO_LONG_TEXT, slow_down_text
 from gateway import relay as relay_module
 from gateway.cli import JsonFormatter
 from gateway.config import GatewayConfig
-from gateway.metrics import Counts, Refusal
+from gateway.metrics import LATENCY_BUCKETS, Counts, GatewayMetrics, Refusal, Snapshot
 from gateway.relay import Relay
 from gateway.rooms import Room, Rooms
 from gateway.server import Gateway
@@ -296,14 +296,12 @@ async def test_deliveries_count_messages_times_members_per_batch() -> None:
     already delivered count nothing; the latency is observed once per batch, from the
     first new event's stream id."""
     counts = Counts()
-    latencies: list[float] = []
-    counts.latency = latencies.append
     room = Room("#lobby", 0, counts)
     members = [FakeMember(n) for n in ("ana", "bob", "cid")]
     for n, member in enumerate(members):
         enter(room, member, f"1-{n}")
-    latencies.clear()
-    counts.deliveries = 0
+    counts = Counts()  # from here on: what enter() counted is left behind
+    room._counts = counts
     newcomer = FakeMember("dan")
     room.expect(newcomer)
     sent_ms = int(time.time() * 1000) - 250
@@ -316,11 +314,33 @@ async def test_deliveries_count_messages_times_members_per_batch() -> None:
     ]
     room.deliver_batch(batch)
     assert counts.deliveries == 2 * 3 + 1 * 4
-    assert len(latencies) == 1
-    assert 0.25 <= latencies[0] < 0.25 + T
+    assert sum(counts.latency_buckets) == 1
+    assert 0.25 <= counts.latency_sum < 0.25 + T
+    (bucket,) = [i for i, n in enumerate(counts.latency_buckets) if n]
+    assert LATENCY_BUCKETS[bucket] >= counts.latency_sum
+    assert bucket == 0 or LATENCY_BUCKETS[bucket - 1] < counts.latency_sum
     room.deliver_batch(batch)  # already delivered: skipped, counted nothing
     assert counts.deliveries == 10
-    assert len(latencies) == 1
+    assert sum(counts.latency_buckets) == 1
+
+
+def test_latencies_fall_in_the_buckets_prometheus_expects() -> None:
+    """A latency equal to a bound counts in that bound's bucket (``le``: at most), one past
+    the largest bound only in +Inf; the exposition's buckets are cumulative."""
+    counts = Counts()
+    for seconds in (0.0, 0.001, 0.0011, 0.5, 1000.0):
+        counts.observe_latency(seconds)
+    metrics = GatewayMetrics("gw-1", lambda: Snapshot(0, 0, 0, 0.0), counts)
+    result = Scrape(metrics.exposition().decode())
+    bucket = "chat_delivery_latency_seconds_bucket"
+    assert result.value(bucket, le="0.001") == 2
+    assert result.value(bucket, le="0.002") == 3
+    assert result.value(bucket, le="0.25") == 3
+    assert result.value(bucket, le="0.5") == 4
+    assert result.value(bucket, le="30.0") == 4
+    assert result.value(bucket, le="+Inf") == 5
+    assert result.value("chat_delivery_latency_seconds_count") == 5
+    assert result.value("chat_delivery_latency_seconds_sum") == pytest.approx(1000.5021)
 
 
 async def test_a_replayed_gap_counts_the_reconnect_the_events_and_the_errors(
