@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,45 @@ from gateway.tls import quiet_handshake_failures, server_tls
 log = logging.getLogger("gateway")
 
 
-def configure_logging(level: str, gateway_id: str) -> None:
-    """One line per event on stderr, each naming the gateway (several share a terminal)."""
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s [{gateway_id}] %(name)s: %(message)s",
-    )
+#: What --log-format takes: text for people, json for log collectors (one object a line).
+LOG_FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: time (ISO 8601, UTC), level, logger,
+    message, the gateway's id, and the traceback (``exc_info``) when there is one. Any
+    line break in a message or traceback is escaped by JSON, so a record stays one line."""
+
+    def __init__(self, gateway_id: str) -> None:
+        super().__init__()
+        self._gateway_id = gateway_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "gateway": self._gateway_id,
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, gateway_id: str, log_format: str = "text") -> None:
+    """One line per event on stderr, each naming the gateway (several share a terminal);
+    with ``log_format`` json, one JSON object per line instead."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(gateway_id))
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [{gateway_id}] %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _keepalive(value: str) -> tuple[int, int, int]:
@@ -105,7 +139,8 @@ async def serve(config: GatewayConfig) -> None:
     show_envvar=True,
     default=None,
     type=click.IntRange(0, 65535),
-    help="Serve GET /health on this port: 200 while connected to Redis, else 503.  [default: off]",
+    help="Serve GET /health on this port (200 while connected to Redis, else 503), and "
+    "GET /metrics (Prometheus).  [default: off]",
 )
 @click.option(
     "--tls-port",
@@ -220,6 +255,15 @@ async def serve(config: GatewayConfig) -> None:
     default="info",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
+@click.option(
+    "--log-format",
+    envvar="CHAT_LOG_FORMAT",
+    show_envvar=True,
+    default="text",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    help="text: one readable line per event; json: one JSON object per line (time, level, "
+    "logger, message, gateway, exc_info), for log collectors.",
+)
 @click.version_option(package_name="chat-service")
 def main(
     host: str,
@@ -240,6 +284,7 @@ def main(
     max_per_address: int,
     keepalive: tuple[int, int, int],
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a chat gateway: a TCP server for the line protocol (see PROTOCOL.md) that shares
     one chat room with every other gateway on the same Redis, and with --tls-port the same
@@ -267,7 +312,7 @@ def main(
     )
     if problem := config.tls_problem():
         raise click.UsageError(problem)
-    configure_logging(log_level, config.resolved_id())
+    configure_logging(log_level, config.resolved_id(), log_format.lower())
     try:
         run_loop(serve(config))
     except (StartupError, TlsError, BrokerError) as exc:

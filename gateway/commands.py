@@ -28,6 +28,7 @@ from chatwire.texts import (
     rooms_texts,
     who_texts,
 )
+from gateway.metrics import Refusal
 from gateway.session import Session
 
 if TYPE_CHECKING:
@@ -76,7 +77,8 @@ class Commands:
             )
         except BrokerUnavailable as exc:
             log.warning("cannot list users: %s", exc)
-            session.error(WHO_UNAVAILABLE_TEXT)
+            self._gw.counts.redis_errors += 1
+            session.error(WHO_UNAVAILABLE_TEXT, Refusal.UNAVAILABLE)
             return
         session.notify(who_texts(names, None if everyone else session.room))
 
@@ -85,7 +87,8 @@ class Commands:
             rooms = await self._gw.broker.rooms()
         except BrokerUnavailable as exc:
             log.warning("cannot list rooms: %s", exc)
-            session.error(ROOMS_UNAVAILABLE_TEXT)
+            self._gw.counts.redis_errors += 1
+            session.error(ROOMS_UNAVAILABLE_TEXT, Refusal.UNAVAILABLE)
             return
         session.notify(rooms_texts(rooms))
 
@@ -103,10 +106,11 @@ class Commands:
             recipient = await self._gw.broker.send_private(request.key, sender, request.text)
         except BrokerUnavailable as exc:
             log.warning("cannot deliver a private message: %s", exc)
-            session.error(NOT_DELIVERED_TEXT)
+            self._gw.counts.redis_errors += 1
+            session.error(NOT_DELIVERED_TEXT, Refusal.UNAVAILABLE)
             return
         if recipient is None:
-            session.error(not_online_text(request.name))
+            session.error(not_online_text(request.name), Refusal.NOT_ONLINE)
         else:
             session.write(private_echo_line(recipient, sender, request.text))
 
@@ -145,6 +149,7 @@ class Moves:
         try:
             room, admitted = await relay.host(request.key, session)
         except BrokerUnavailable as exc:
+            gw.counts.redis_errors += 1
             log.warning("cannot move %s: %s", name, exc)
             session.move_failed(MOVE_UNAVAILABLE_TEXT)
             return
@@ -158,6 +163,7 @@ class Moves:
                 [Member(session.id, name, gw.id, encode_join(name, gw.id, session.id, shown))],
             )  # fmt: skip
         except BrokerUnavailable as exc:
+            gw.counts.redis_errors += 1
             log.warning("cannot move %s to %s: %s", name, request.key, exc)
             room.forget(session)
             relay.release(request.key)
@@ -198,6 +204,7 @@ class Moves:
             leave = encode_leave(name, gw.id, session.id, to)
             announced = any(await gw.broker.leave(old, [(session.id, leave)]))
         except BrokerUnavailable as exc:
+            gw.counts.redis_errors += 1
             # The user is in the new room; the old one still lists it until its
             # eviction (presence names both rooms), which is the best we can do now.
             log.warning("cannot announce %s leaving %s: %s", name, old, exc)

@@ -3,7 +3,8 @@
 200 while the gateway is registered as live in Redis and subscribed to the bus, 503
 otherwise, so a load balancer stops sending new clients to a gateway cut off from Redis.
 ``GET /stats`` answers a JSON object of counters (users, connections, rooms hosted, bus
-messages received), which the benchmark reads.
+messages received), which the benchmark reads; ``GET /metrics`` the gateway's metrics in
+the Prometheus text format (:mod:`gateway.metrics`).
 ``python -m gateway.health [--port P]`` is the matching probe for container health checks.
 """
 
@@ -18,6 +19,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from gateway.metrics import CONTENT_TYPE
+
 log = logging.getLogger(__name__)
 
 #: Bytes of request head read at most; a health probe's request is a few dozen.
@@ -26,10 +29,12 @@ MAX_REQUEST_BYTES = 2048
 REQUEST_TIMEOUT = 2.0
 
 
-def _response(status: str, body: str, content_type: str = "text/plain") -> bytes:
-    payload = body.encode()
+def _response(
+    status: str, body: str | bytes, content_type: str = "text/plain; charset=utf-8"
+) -> bytes:
+    payload = body.encode() if isinstance(body, str) else body
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}; charset=utf-8\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + payload
@@ -42,9 +47,12 @@ class HealthServer:
         self,
         probe: Callable[[], tuple[bool, str]],
         stats: Callable[[], dict[str, Any]] = dict,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
+        """``metrics``: the Prometheus exposition for ``GET /metrics`` (None: 404 there)."""
         self._probe = probe
         self._stats = stats
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -62,9 +70,15 @@ class HealthServer:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
+            path = path.split(b"?", 1)[0]
             if path == b"/stats":
                 body = json.dumps(self._stats()) + "\n"
-                writer.write(_response("200 OK", body, "application/json"))
+                writer.write(_response("200 OK", body, "application/json; charset=utf-8"))
+            elif path == b"/metrics":
+                if self._metrics is None:
+                    writer.write(_response("404 Not Found", "no metrics here\n"))
+                else:
+                    writer.write(_response("200 OK", self._metrics(), CONTENT_TYPE))
             else:
                 healthy, detail = self._probe()
                 status = "200 OK" if healthy else "503 Service Unavailable"

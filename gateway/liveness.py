@@ -70,6 +70,7 @@ class Liveness:
             activity, self.activity = self.activity, {}
             await broker.touch(activity)
         except BrokerUnavailable as exc:
+            gw.counts.redis_errors += 1
             log.warning("liveness renewal failed: %s", exc)
         except GatewayIdInUse as exc:
             log.error("%s; stopping", exc)
@@ -136,5 +137,5 @@ class Liveness:
         for session in users:
             if session.key in refused:
                 session.joined = False
-                session.error(NAME_LOST_TEXT)
+                session.error(NAME_LOST_TEXT, None)  # no line of theirs refused
                 session.close()

@@ -31,6 +31,7 @@ from chatwire.texts import (
     notice_line,
     welcome_text,
 )
+from gateway.metrics import Counts, Refusal
 
 
 def _is_quit(line: str) -> bool:
@@ -105,6 +106,7 @@ class ServerProtocol:
     """One client connection's protocol state. Not thread-safe; one per connection."""
 
     __slots__ = (
+        "_counts",
         "_drained",
         "_eof",
         "_lines",
@@ -117,7 +119,9 @@ class ServerProtocol:
         "room_key",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, counts: Counts | None = None) -> None:
+        """``counts``: where the lines this protocol refuses by itself are counted."""
+        self._counts = counts if counts is not None else Counts()
         self._lines = LineBuffer()
         self._state = State.AWAITING_NAME
         self._outbox = bytearray(notice_line(PROMPT))
@@ -250,6 +254,7 @@ class ServerProtocol:
 
     def _handle(self, item: str | TooLong, events: list[Event]) -> None:
         if isinstance(item, TooLong):
+            self._counts.refuse(Refusal.TOO_LONG)
             self.refuse_line(LINE_TOO_LONG_TEXT)
         elif self._state is State.AWAITING_NAME:
             self._handle_name(item, events)
@@ -263,6 +268,7 @@ class ServerProtocol:
         try:
             name = validate_name(line)
         except InvalidName as exc:
+            self._counts.refuse(Refusal.INVALID)
             self.send_error(f"invalid name: {exc}")
             self.send_notice(PROMPT)
             return
@@ -289,6 +295,7 @@ class ServerProtocol:
         try:
             request = parse_command(word)
         except PeerProtocolError as exc:
+            self._counts.refuse(Refusal.INVALID)
             self.send_error(str(exc))
             return
         match request:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from broker import BrokerUnavailable, RedisBroker
 from broker.events import encode_leave, encode_message
+from gateway.metrics import Counts
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,12 @@ _Item = _Message | _Release | _Barrier | _Exclusive
 class Publisher:
     """Ordered, batched publishing of messages and presence releases."""
 
-    def __init__(self, broker: RedisBroker, gateway: str = "") -> None:
+    def __init__(
+        self, broker: RedisBroker, gateway: str = "", counts: Counts | None = None
+    ) -> None:
         self._broker = broker
         self._gateway = gateway
+        self._counts = counts if counts is not None else Counts()
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -203,6 +207,7 @@ class Publisher:
             await self._broker.publish(room, [m.body for m in batch])
             delivered = True
         except BrokerUnavailable as exc:
+            self._counts.redis_errors += 1
             log.warning("could not publish %d message(s): %s", len(batch), exc)
         except Exception:
             log.exception("unexpected error publishing %d message(s)", len(batch))
@@ -224,6 +229,7 @@ class Publisher:
                 item.left += 1
             settled = await self._broker.release(item.key, item.session_id, self._gateway)
         except BrokerUnavailable as exc:
+            self._counts.redis_errors += 1
             log.warning("could not release %r yet: %s", item.key, exc)
             self._failed.append(item)
             return

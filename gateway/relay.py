@@ -26,6 +26,7 @@ from broker import (
     RoomEvent,
     UserKicked,
 )
+from gateway.metrics import Counts
 from gateway.rooms import Member, Room, Rooms
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,13 @@ class Relay:
         rooms: Rooms,
         on_inbox: Callable[[InboxEvent], None],
         on_service: Callable[[bool], None],
+        counts: Counts | None = None,
     ) -> None:
         """``on_inbox`` takes each inbox event; ``on_service(up)`` is told when the bus has
-        been down long enough to tell users, and when it is back after that."""
+        been down long enough to tell users, and when it is back after that. ``counts``:
+        where Redis errors, reconnects and replayed events are counted (the rooms'
+        tallies when not given)."""
+        self._counts = counts if counts is not None else rooms.counts
         self._broker = broker
         self._gateway = gateway
         self._rooms = rooms
@@ -98,6 +103,7 @@ class Relay:
                     self._subscription = subscription
                     await self._catch_up()
                     if self.subscribed.is_set():
+                        self._counts.bus_reconnects += 1
                         log.info("bus subscription restored")
                     self.subscribed.set()
                     self._live.set()
@@ -106,6 +112,7 @@ class Relay:
                     async for batch in subscription.batches():
                         self._deliver(batch)
             except BrokerUnavailable as exc:
+                self._counts.redis_errors += 1
                 log.warning("bus subscription lost (%s); retrying in %.1fs", exc, delay)
             finally:
                 self._subscription = None
@@ -180,9 +187,9 @@ class Relay:
             self._log_replay(room, missed)
             self._deliver_room(room, missed)
 
-    @staticmethod
-    def _log_replay(room: Room, missed: list[RoomEvent]) -> None:
+    def _log_replay(self, room: Room, missed: list[RoomEvent]) -> None:
         if missed:
+            self._counts.events_replayed += len(missed)
             log.info("replaying %d event(s) of %s missed while unsubscribed", len(missed),
                      room.key)  # fmt: skip
 
@@ -202,6 +209,7 @@ class Relay:
             elif isinstance(event, Resubscribed):
                 self._deliver_rooms(by_room)  # what came before the marker, first
                 by_room = {}
+                self._counts.bus_reconnects += 1
                 self._start_replay(key)
             elif key in self._replaying:
                 held = self._replaying[key]
@@ -235,6 +243,7 @@ class Relay:
                     else []
                 )
             except BrokerUnavailable as exc:
+                self._counts.redis_errors += 1
                 log.warning("cannot replay %s yet (%s); retrying in %.1fs", key, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from chatwire.texts import (
     notice_line,
     summary_text,
 )
+from gateway.metrics import Counts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Room:
     """One room's local members, newcomers waiting for their join, and delivery."""
 
     __slots__ = (
+        "_counts",
         "_entering",
         "_last_key",
         "_leaving",
@@ -81,8 +84,10 @@ class Room:
         "notice_limit",
     )
 
-    def __init__(self, key: str, notice_limit: int = 0) -> None:
+    def __init__(self, key: str, notice_limit: int = 0, counts: Counts | None = None) -> None:
         self.key = key
+        #: Where deliveries and latencies are counted (the gateway's; its own when alone).
+        self._counts = counts if counts is not None else Counts()
         #: Past this many local members, others' joins and leaves are summarised once per
         #: SUMMARY_PERIOD instead of announced one by one (0: always one by one).
         self.notice_limit = notice_limit
@@ -192,22 +197,26 @@ class Room:
         """Fan bus events out to the local members, in order, skipping any already
         delivered. Lines for everyone are gathered and written to each member at once."""
         lines: list[bytes] = []
+        messages = 0  # chat messages among ``lines``: what deliveries count
+        first = 0  # the first new event's milliseconds: its latency stands for the batch's
         for event in events:
             key = stream_id_key(event.id)
             if key <= self._last_key:
                 continue
             self._last_key, self.last_event = key, event.id
+            first = first or key[0]
             match event:
                 case ChatMessage():
                     lines.append(chat_line(event.name, event.text))
+                    messages += 1
                 case Announcement():
                     lines.append(notice_line(announcement_text(event.text)))
                 case UserJoined() | UserLeft() if event.session in self or (
                     event.session in self._leaving
                 ):
                     # The event concerns one of ours: deliver what came before it first.
-                    self._broadcast_all(lines)
-                    lines = []
+                    self._broadcast_all(lines, messages)
+                    lines, messages = [], 0
                     self._own_event(event)
                 case UserJoined() | UserLeft():
                     if self._busy():
@@ -219,7 +228,10 @@ class Room:
                             else _departure_text(event)
                         )
                         lines.append(notice_line(text))
-        self._broadcast_all(lines)
+        self._broadcast_all(lines, messages)
+        if first:
+            # Once per batch; the stream id is Redis's clock, ours may be a little behind.
+            self._counts.observe_latency(max(0.0, time.time() - first / 1000))
 
     def _own_event(self, event: UserJoined | UserLeft) -> None:
         """A join or leave of a session held here."""
@@ -270,9 +282,13 @@ class Room:
         """A ``* `` line from this gateway itself to every local member."""
         self._broadcast(notice_line(text))
 
-    def _broadcast_all(self, lines: list[bytes]) -> None:
+    def _broadcast_all(self, lines: list[bytes], messages: int = 0) -> None:
+        """Write ``lines`` (``messages`` of them chat messages) to every member."""
         if lines:
             self._broadcast(lines[0] if len(lines) == 1 else b"".join(lines))
+            # Counted per batch: the members written to (or holding it for later) times
+            # the messages in it, never a call per recipient.
+            self._counts.deliveries += messages * (len(self._members) + len(self._entering))
 
     def _broadcast(self, data: bytes, skip: str | None = None) -> None:
         # write() never raises and never removes members synchronously (an abort reports
@@ -292,8 +308,9 @@ class Room:
 class Rooms:
     """The rooms this gateway hosts (those with local members, or about to have some)."""
 
-    def __init__(self, notice_limit: int = 0) -> None:
+    def __init__(self, notice_limit: int = 0, counts: Counts | None = None) -> None:
         self.notice_limit = notice_limit
+        self.counts = counts if counts is not None else Counts()
         self._rooms: dict[str, Room] = {}
 
     def __iter__(self) -> Iterator[Room]:
@@ -309,7 +326,7 @@ class Rooms:
         """The room ``key``, made if this gateway did not host it yet."""
         room = self._rooms.get(key)
         if room is None:
-            room = self._rooms[key] = Room(key, self.notice_limit)
+            room = self._rooms[key] = Room(key, self.notice_limit, self.counts)
         return room
 
     def close_if_empty(self, key: str) -> bool:

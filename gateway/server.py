@@ -65,6 +65,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import StartupError
 from gateway.health import HealthServer
 from gateway.liveness import Liveness
+from gateway.metrics import Counts, GatewayMetrics, Refusal, Snapshot
 from gateway.publisher import Publisher
 from gateway.relay import RETRY_MAX, RETRY_MIN, Relay
 from gateway.rooms import Rooms
@@ -100,9 +101,12 @@ class Gateway:
         self.id = config.resolved_id()
         self.instance = secrets.token_hex(6)
         self.broker = broker
-        self.rooms = Rooms(config.notice_limit)
-        self.publisher = Publisher(broker, self.id)
-        self.relay = Relay(broker, self.id, self.rooms, self._inbox, self._service)
+        #: Tallies for GET /metrics, counted where they happen (gateway/metrics.py).
+        self.counts = Counts()
+        self.metrics = GatewayMetrics(self.id, self.snapshot, self.counts)
+        self.rooms = Rooms(config.notice_limit, self.counts)
+        self.publisher = Publisher(broker, self.id, self.counts)
+        self.relay = Relay(broker, self.id, self.rooms, self._inbox, self._service, self.counts)
         self.liveness = Liveness(self)
         self.commands = Commands(self)
         self.moves = Moves(self)
@@ -121,9 +125,11 @@ class Gateway:
         self.tls = tls
         #: The TLS port bound (the configured one, or the one picked for port 0); 0: none.
         self.tls_port = 0
+        #: The health port bound (GET /health, /stats, /metrics); 0: none.
+        self.health_port = 0
         self._server: asyncio.Server | None = None
         self._tls_server: asyncio.Server | None = None
-        self._health = HealthServer(self.health, self.stats)
+        self._health = HealthServer(self.health, self.stats, self.metrics.exposition)
         self._web: WebServer | None = None
         #: Sessions that came in over WebSocket (for /stats; they are in _sessions too).
         self._web_sessions: set[Session] = set()
@@ -192,6 +198,7 @@ class Gateway:
                 raise StartupError(
                     f"cannot serve health on port {self.config.health_port}: {exc.strerror}"
                 ) from exc
+            self.health_port = bound
             log.info("health endpoint on %s:%d", host, bound)
 
     async def _listen(self, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
@@ -243,6 +250,15 @@ class Gateway:
             "rooms": len(self.rooms),
             "bus_messages": self.relay.received,
         }
+
+    def snapshot(self) -> Snapshot:
+        """The gauges of ``GET /metrics``, read when it is scraped."""
+        return Snapshot(
+            connected_clients=len(self._sessions),
+            logged_in_users=len(self._by_key),
+            rooms_hosted=len(self.rooms),
+            heartbeat_age=asyncio.get_running_loop().time() - self.liveness.last_renewal,
+        )
 
     async def shutdown(self) -> None:
         """Drain and stop; see the module docstring for the sequence."""
@@ -356,6 +372,7 @@ class Gateway:
                     raise StartupError(str(exc)) from exc
                 log.warning("%s; waiting for it to expire", exc)
             except BrokerUnavailable as exc:
+                self.counts.redis_errors += 1
                 if loop.time() + delay > deadline:
                     raise StartupError(f"cannot reach {self.broker.description}: {exc}") from exc
                 log.warning("waiting for %s: %s", self.broker.description, exc)
@@ -402,7 +419,7 @@ class Gateway:
             log.error("unexpected error in %s", task.get_name(), exc_info=task.exception())
 
     def _new_session(self) -> Session:
-        return Session(self, f"{self.instance}-{next(self._ids)}", self._limits)
+        return Session(self, f"{self.instance}-{next(self._ids)}", self._limits, self.counts)
 
     async def _web_client(self, conn: ServerConnection) -> None:
         """One WebSocket client: a session like any other, over a WebSocket transport."""
@@ -464,6 +481,7 @@ class Gateway:
 
     def publish(self, session: Session, text: str) -> None:
         assert session.name is not None and session.key is not None
+        self.counts.messages_received += 1
         self.publisher.message(session, session.room_key, session.name, text)
         self.liveness.activity[session.key] = time.time()
 
@@ -473,14 +491,18 @@ class Gateway:
     # -- login ---------------------------------------------------------------------------
 
     def login(self, session: Session, name: str, key: str) -> None:
-        self.spawn(self._login(session, name, key))
+        started = asyncio.get_running_loop().time()
+        self.spawn(self._login(session, name, key, started))
 
-    async def _login(self, session: Session, name: str, key: str) -> None:
+    async def _login(self, session: Session, name: str, key: str, started: float) -> None:
+        """Claim ``name`` for ``session`` and bring it into the default room; ``started``:
+        when the name came in (loop time), for the login duration."""
         try:
             room, admitted = await self.relay.host(DEFAULT_ROOM_KEY, session)
         except BrokerUnavailable as exc:
+            self.counts.redis_errors += 1
             log.warning("cannot log %s in: %s", name, exc)
-            session.reject(UNAVAILABLE_TEXT)
+            session.reject(UNAVAILABLE_TEXT, Refusal.UNAVAILABLE)
             return
         try:
             claim = await self.broker.claim(
@@ -494,16 +516,17 @@ class Gateway:
         except BrokerUnavailable as exc:
             # The claim (or the join) may have gone through with only its reply lost: give
             # back whatever it may hold; a join seen by others is followed by its leave.
+            self.counts.redis_errors += 1
             log.warning("cannot log %s in: %s", name, exc)
             # A leave is owed if the cluster saw the join (its event reached us).
             seen = admitted.done() and not admitted.cancelled()
             self._abandon_login(session, name, key, owed=seen)
-            session.reject(UNAVAILABLE_TEXT)
+            session.reject(UNAVAILABLE_TEXT, Refusal.UNAVAILABLE)
             return
         if not claim.accepted:
             room.forget(session)
             self.relay.release(DEFAULT_ROOM_KEY)
-            session.reject(name_taken_text(name))
+            session.reject(name_taken_text(name), Refusal.NAME_TAKEN)
             return
         session.key = key
         if not session.accept(claim.online):  # it hung up while we claimed
@@ -520,6 +543,8 @@ class Gateway:
             log.warning("join event for %s not seen in %.0fs; admitting anyway", name,
                         ADMIT_TIMEOUT)  # fmt: skip
             room.admit(session)
+        if not session.closed:
+            self.metrics.login_duration.observe(asyncio.get_running_loop().time() - started)
 
     def _abandon_login(self, session: Session, name: str, key: str, owed: bool) -> None:
         room = self.rooms.get(DEFAULT_ROOM_KEY)
@@ -536,6 +561,7 @@ class Gateway:
         try:
             messages = await self.broker.history(room, count, before)
         except BrokerUnavailable as exc:
+            self.counts.redis_errors += 1
             log.warning("cannot read history: %s", exc)
             return b""
         return b"".join(

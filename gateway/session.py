@@ -20,6 +20,7 @@ from chatwire.texts import (
     kicked_text,
     slow_down_text,
 )
+from gateway.metrics import Counts, Refusal
 from gateway.protocol import (
     CommandRequested,
     Event,
@@ -64,6 +65,7 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "_bucket",
         "_closing",
+        "_counts",
         "_hub",
         "_limits",
         "_pacing",
@@ -82,16 +84,22 @@ class Session(asyncio.Protocol):
     )
 
     def __init__(
-        self, hub: Hub, session_id: str, limits: tuple[float, float] | None = None
+        self,
+        hub: Hub,
+        session_id: str,
+        limits: tuple[float, float] | None = None,
+        counts: Counts | None = None,
     ) -> None:
-        """``limits``: (lines a second, burst) allowed from this client; None: no limit."""
+        """``limits``: (lines a second, burst) allowed from this client; None: no limit.
+        ``counts``: the gateway's tallies (refusals, flood delays, cuts, kicks)."""
         self._hub = hub
         self._limits = limits
+        self._counts = counts if counts is not None else Counts()
         self._bucket: TokenBucket | None = None  # made at the first line: idle clients pay nothing
         #: Over its rate: input waits (unread, in the kernel) until this timer refills it.
         self._pacing: asyncio.TimerHandle | None = None
         self._told_slow = False
-        self._proto = ServerProtocol()
+        self._proto = ServerProtocol(self._counts)
         self._transport: LineTransport | None = None
         self._unpublished = 0
         #: A name claim or a move is under way: input waits for its outcome.
@@ -176,10 +184,11 @@ class Session(asyncio.Protocol):
         self._flush()
         return True
 
-    def reject(self, reason: str) -> None:
-        """The claim failed: say why, prompt again, read on."""
+    def reject(self, reason: str, why: Refusal) -> None:
+        """The claim failed: say why (``reason``, counted as ``why``), prompt again, read on."""
         if self.closed or self._proto.state is not State.CLAIMING:
             return
+        self._counts.refuse(why)
         self._proto.reject_name(reason)
         self.resume()
 
@@ -192,6 +201,8 @@ class Session(asyncio.Protocol):
     def move_failed(self, reason: str) -> None:
         """The move did not happen: say why, read on."""
         if self._proto.state is State.MOVING:
+            if reason:
+                self._counts.refuse(Refusal.UNAVAILABLE)
             self._proto.move_failed(reason)
         self.resume()
 
@@ -205,6 +216,7 @@ class Session(asyncio.Protocol):
         """One of this client's lines left the publish queue (``delivered`` or refused)."""
         self._unpublished -= 1
         if not delivered and not self.closed:
+            self._counts.refuse(Refusal.UNAVAILABLE)
             self._proto.send_error(NOT_DELIVERED_TEXT)
             self._flush()
         self._update_reading()
@@ -214,8 +226,10 @@ class Session(asyncio.Protocol):
         self._proto.send_notices(texts)
         self._flush()
 
-    def error(self, text: str) -> None:
-        """Send a ``! `` line to this client only."""
+    def error(self, text: str, why: Refusal | None) -> None:
+        """Send a ``! `` line to this client only; ``why``: what it refused, if anything."""
+        if why is not None:
+            self._counts.refuse(why)
         self._proto.send_error(text)
         self._flush()
 
@@ -234,6 +248,7 @@ class Session(asyncio.Protocol):
                 self.id,
                 MAX_OUTGOING_BYTES,
             )
+            self._counts.slow_readers_cut += 1
             transport.abort()
             return
         transport.write(data)
@@ -241,6 +256,7 @@ class Session(asyncio.Protocol):
     def kick(self, reason: str) -> None:
         """An operator removed this user: say so and close (the leave follows as usual)."""
         log.info("%s (%s) kicked by an operator: %s", self.name, self.id, reason or "no reason")
+        self._counts.kicks += 1
         self._proto.send_error(kicked_text(reason))
         self.close()
 
@@ -287,6 +303,7 @@ class Session(asyncio.Protocol):
         except Exception:
             # Nothing raises into the event loop: log it, tell the client no details, close.
             log.exception("unexpected error handling input from %s (%s)", self.peer, self.id)
+            self._counts.refuse(Refusal.INTERNAL)
             self._proto.send_error(INTERNAL_ERROR_TEXT)
             self._proto.close()
             self._closing = True
@@ -308,6 +325,7 @@ class Session(asyncio.Protocol):
         """Over the rate: read nothing more until a line's worth has refilled. What the
         client sends meanwhile waits in its socket, in order: delayed, never dropped."""
         assert self._bucket is not None and self._limits is not None
+        self._counts.flood_delays += 1
         if not self._told_slow:
             self._told_slow = True
             self._proto.send_notice(slow_down_text(self._limits[0]))
@@ -354,6 +372,7 @@ class Session(asyncio.Protocol):
         """Refuse one line the transport could not frame (a WebSocket frame with a line
         break inside): a ``! `` line, as for a line too long; the connection goes on."""
         if not self.closed:
+            self._counts.refuse(Refusal.INVALID)
             self._proto.refuse_line(reason)
             self._flush()
 
@@ -364,6 +383,7 @@ class Session(asyncio.Protocol):
         if notice:
             self._proto.send_notice(reason)
         else:
+            self._counts.refuse(Refusal.FULL)
             self._proto.send_error(reason)
         self._proto.close()
         self._closing = True

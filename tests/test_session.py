@@ -25,6 +25,7 @@ from chatwire.texts import (
     slow_down_text,
     welcome_text,
 )
+from gateway.metrics import Refusal
 from gateway.rooms import Room
 from gateway.session import MAX_OUTGOING_BYTES, MAX_UNPUBLISHED, Session
 from tests.support import Timers
@@ -231,7 +232,7 @@ def test_reject_reports_the_reason_prompts_again_and_resumes() -> None:
     """reject() writes the reason and the prompt, and reading resumes for another name."""
     session, transport, hub = connect()
     session.data_received(b"alice\n")
-    session.reject("the name alice is taken; choose another")
+    session.reject("the name alice is taken; choose another", Refusal.NAME_TAKEN)
     assert transport.output == (
         PROMPT_LINE + b"! the name alice is taken; choose another\n" + PROMPT_LINE
     )
@@ -246,7 +247,7 @@ def test_reject_handles_a_name_sent_during_the_claim() -> None:
     session, _, hub = connect()
     session.data_received(b"alice\nbob\n")
     assert [call[2] for call in hub.named("login")] == ["alice"]
-    session.reject("taken")
+    session.reject("taken", Refusal.NAME_TAKEN)
     assert [call[2] for call in hub.named("login")] == ["alice", "bob"]
 
 
@@ -255,7 +256,7 @@ def test_reject_after_the_connection_ended_does_nothing() -> None:
     session, transport, _ = connect()
     session.data_received(b"alice\n")
     session.connection_lost(None)
-    session.reject("taken")
+    session.reject("taken", Refusal.NAME_TAKEN)
     assert transport.output == PROMPT_LINE
 
 
@@ -302,7 +303,7 @@ def test_notify_and_error_write_to_this_client_only() -> None:
     """notify() writes ``* `` lines and error() a ``! `` line, straight away."""
     session, transport, _ = logged_in()
     session.notify(["2 users online:", "  alice"])
-    session.error("no user named bob is online")
+    session.error("no user named bob is online", Refusal.NOT_ONLINE)
     assert transport.output == (
         notice_line("2 users online:")
         + notice_line("  alice")

@@ -95,7 +95,7 @@ def test_compose_file_is_valid_against_the_compose_spec() -> None:
     assert not errors, "\n".join(
         f"{'/'.join(map(str, e.path)) or '(top)'}: {e.message}" for e in errors
     )
-    assert set(compose()["services"]) == {"redis", "gateway", "lb", "admin"}
+    assert set(compose()["services"]) == {"redis", "gateway", "lb", "admin", *MONITORING}
 
 
 def test_compose_redis_is_private_healthy_and_durable() -> None:
@@ -136,6 +136,8 @@ def test_compose_gateway_scales_behind_the_balancer() -> None:
 
 
 WEB_PORTS = ("8000", "8000")
+#: The services of the `monitoring` profile (README.md, "Metrics and logs").
+MONITORING = ("prometheus", "grafana")
 
 
 def test_compose_lb_is_the_one_published_port() -> None:
@@ -147,7 +149,8 @@ def test_compose_lb_is_the_one_published_port() -> None:
     assert re.fullmatch(r"haproxy:\d+\.\d+.*", lb["image"]), lb["image"]
     assert published_ports(lb) == [("5555", "5555"), WEB_PORTS]
     assert lb["ports"] == ["${CHAT_PORT:-5555}:5555", "${CHAT_WEB_PORT:-8000}:8000"]
-    assert [name for name, s in services.items() if "ports" in s] == ["lb"]
+    default_stack = {name: s for name, s in services.items() if "profiles" not in s}
+    assert [name for name, s in default_stack.items() if "ports" in s] == ["lb"]
     assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
     assert "gateway" in lb["depends_on"]
 
@@ -192,7 +195,31 @@ def test_compose_admin_runs_on_demand_with_the_gateway_image() -> None:
     assert admin["command"] == ["who"]
     assert admin["image"] == gateway["image"]
     assert compose_environment(admin)["REDIS_URL"] == compose_environment(gateway)["REDIS_URL"]
-    assert all("profiles" not in s for name, s in services.items() if name != "admin")
+    assert all(
+        "profiles" not in s for name, s in services.items() if name not in {"admin", *MONITORING}
+    )
+
+
+def test_compose_monitoring_is_a_profile_apart() -> None:
+    """Prometheus and Grafana start only with `--profile monitoring`: the default stack
+    neither starts nor waits for them (CI's compose stage has no image of theirs), they
+    publish on loopback only, and mount the deploy/ files that configure them."""
+    services = compose()["services"]
+    for name in MONITORING:
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert all(str(port).startswith("127.0.0.1:") for port in service["ports"]), name
+        for volume in service["volumes"]:
+            source = volume.split(":", 1)[0]
+            assert source.startswith("./deploy/") and (ROOT / source).exists(), volume
+    assert re.fullmatch(r"prom/prometheus:v[\d.]+", services["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana:[\d.]+", services["grafana"]["image"])
+    for name, service in services.items():
+        if "profiles" not in service:
+            assert not set(service.get("depends_on", ())) & set(MONITORING), name
+    assert set(compose()["volumes"]) == {"redis-data"}
+    published = [published_ports(services[name])[0][1] for name in MONITORING]
+    assert published == ["9090", "3000"]
 
 
 def test_compose_and_haproxy_cfg_agree() -> None:
