@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from broker import keys
+from broker.bulk import BulkReader, Reply
 from broker.connection import COMMAND_TIMEOUT, CONNECT_TIMEOUT, HEALTH_CHECK_INTERVAL
 from broker.errors import BrokerUnavailable
 from broker.subscription import (
@@ -45,12 +46,15 @@ from broker.subscription import (
     Resubscribed,
     decode_message,
 )
-from broker.translate import text, unavailable_on_teardown
+from broker.translate import unavailable_on_teardown
 
 log = logging.getLogger(__name__)
 
 #: Backoff bounds, seconds, while a lost channel waits for its slot's new owner.
 REGAIN_MIN, REGAIN_MAX = 0.05, 1.0
+#: The kind of a queued marker (no reply from Redis is of that kind): a room subscribed
+#: again, its name in place of the channel.
+RESUBSCRIBED = "resubscribed"
 #: Seconds between two readings of the cluster's map, after which a room read elsewhere
 #: than where it should be (a replica added, or back after a failover) moves there.
 MAP_REFRESH = 5.0
@@ -127,7 +131,7 @@ class ShardedSubscription:
         self._where: dict[str, str] = {}
         self._confirming: dict[str, asyncio.Future[None]] = {}
         #: Messages received (smessage) and markers, in the order they came.
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[list[Reply]] = asyncio.Queue()
         self._lost: set[str] = set()
         self._regain: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -176,15 +180,15 @@ class ShardedSubscription:
         """The events received from every node, in arrival order per node, each batch what
         has arrived so far; :class:`Resubscribed` markers where rooms were subscribed again."""
         while True:
-            items = [await self._queue.get()]
+            items = await self._queue.get()
             while len(items) < MAX_BATCH and not self._queue.empty():
-                items.append(self._queue.get_nowait())
+                items += self._queue.get_nowait()
             batch: list[Delivery] = []
-            for message in items:
-                if message["type"] == "resubscribed":
-                    batch.append((message["room"], Resubscribed()))
+            for kind, channel, data in items:
+                if kind == RESUBSCRIBED:  # channel: the room's folded name
+                    batch.append((channel, Resubscribed()))
                     continue
-                delivery = decode_message(text(message["channel"]), message["data"], self._inbox)
+                delivery = decode_message(channel, data, self._inbox)
                 if delivery is not None:
                     batch.append(delivery)
             if batch:
@@ -251,21 +255,31 @@ class ShardedSubscription:
     async def _read(self, shard: _Shard) -> None:
         """Hand over what ``shard`` receives; on a broken link, its channels are lost."""
         try:
+            reader = BulkReader(shard.pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
             while True:
                 try:
-                    message = await shard.pubsub.get_message(timeout=POLL_INTERVAL)
+                    replies = await reader.read(POLL_INTERVAL, MAX_BATCH)
                 except redis.exceptions.ResponseError as exc:
-                    reply = str(exc).split()
-                    if reply[:1] != ["MOVED"] or len(reply) < 2 or not reply[1].isdigit():
+                    words = str(exc).split()
+                    if words[:1] != ["MOVED"] or len(words) < 2 or not words[1].isdigit():
                         raise
                     # A subscription sent on a stale slot map: send it again once the map
                     # is refreshed.
                     log.info("subscription on %s answered %s", shard.name, exc)
-                    slot = int(reply[1])
+                    slot = int(words[1])
                     self._lose([c for c in shard.channels if key_slot(c.encode()) == slot], shard)
                     continue
-                if message is not None:
-                    self._receive(shard, message)
+                messages: list[Reply] = []
+                for reply in replies:
+                    if reply[0] == "smessage":
+                        messages.append(reply)
+                        continue
+                    if messages:  # before what this reply may queue (a marker)
+                        self._queue.put_nowait(messages)
+                        messages = []
+                    self._receive(shard, reply)
+                if messages:
+                    self._queue.put_nowait(messages)
         except asyncio.CancelledError:
             raise
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -275,12 +289,8 @@ class ShardedSubscription:
                 shard.reader = None  # this task ends here; close() must not await it
                 self._lose(list(shard.channels), shard)
 
-    def _receive(self, shard: _Shard, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "smessage":
-            self._queue.put_nowait(message)
-            return
-        channel = text(message["channel"] or b"")
+    def _receive(self, shard: _Shard, reply: Reply) -> None:
+        kind, channel, _ = reply
         if kind == "ssubscribe":
             was_lost = channel in self._lost
             self._lost.discard(channel)
@@ -377,4 +387,4 @@ class ShardedSubscription:
         room = keys.room_of_channel(channel)
         log.info("subscribed to %s again on %s", channel, self._where.get(channel))
         if room is not None and room in self.rooms:
-            self._queue.put_nowait({"type": "resubscribed", "room": room})
+            self._queue.put_nowait([(RESUBSCRIBED, room, None)])

@@ -14,15 +14,17 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.exceptions
 from redis.asyncio.client import PubSub
 
 from broker import keys
+from broker.bulk import BulkReader, Reply
+from broker.connection import COMMAND_TIMEOUT, HEALTH_CHECK_INTERVAL
 from broker.errors import BrokerUnavailable, EventDecodeError
 from broker.events import InboxEvent, RoomEvent, decode_bus_message, decode_inbox
-from broker.translate import text, unavailable_on_error, unavailable_on_teardown
+from broker.translate import unavailable_on_error, unavailable_on_teardown
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class Subscription:
         self._inbox = keys.gateway_inbox(gateway)
         self._first = self._inbox if inbox else keys.gateway_anchor(gateway)
         self._confirming: dict[str, asyncio.Future[None]] = {}
-        self._early: list[dict[str, Any]] = []
+        self._early: list[Reply] = []
         #: Folded names of the rooms subscribed (or being subscribed) to.
         self.rooms: set[str] = set()
 
@@ -99,15 +101,14 @@ class Subscription:
         waiting = set(channels)
         with unavailable_on_error("subscribe"):
             await self._pubsub.subscribe(*channels)
+            reader = BulkReader(self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 while waiting:
-                    message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        waiting.discard(text(message["channel"]))
-                    else:
-                        self._early.append(message)
+                    for reply in await reader.read(POLL_INTERVAL, MAX_BATCH):
+                        if reply[0] == "subscribe":
+                            waiting.discard(reply[1])
+                        else:
+                            self._early.append(reply)
 
     async def add(self, room: str) -> None:
         """Subscribe to ``room`` and return once Redis confirms it (:class:`BrokerUnavailable`
@@ -138,19 +139,11 @@ class Subscription:
         if self._early:
             early, self._early = self._early, []
             yield self._decode(early)
+        reader = BulkReader(self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
         while True:
             with unavailable_on_error("subscription"):
-                message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
-                if message is None:
-                    continue
-                messages = [message]
-                # Whatever has arrived already comes without waiting (timeout 0).
-                while len(messages) < MAX_BATCH:
-                    more = await self._pubsub.get_message(timeout=0)
-                    if more is None:
-                        break
-                    messages.append(more)
-            batch = self._decode(messages)
+                replies = await reader.read(POLL_INTERVAL, MAX_BATCH)
+            batch = self._decode(replies)
             if batch:
                 yield batch
 
@@ -158,20 +151,17 @@ class Subscription:
         with suppress(redis.exceptions.RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    def _decode(self, messages: list[dict[str, Any]]) -> list[Delivery]:
+    def _decode(self, replies: list[Reply]) -> list[Delivery]:
         batch: list[Delivery] = []
-        for m in messages:
-            kind = m["type"]
-            if kind == "subscribe":
-                future = self._confirming.get(text(m["channel"]))
+        for kind, channel, data in replies:
+            if kind == "message":
+                delivery = decode_message(channel, data, self._inbox)
+                if delivery is not None:
+                    batch.append(delivery)
+            elif kind == "subscribe":
+                future = self._confirming.get(channel)
                 if future is not None and not future.done():
                     future.set_result(None)
-                continue
-            if kind != "message":
-                continue
-            delivery = decode_message(text(m["channel"]), m["data"], self._inbox)
-            if delivery is not None:
-                batch.append(delivery)
         return batch
 
 
