@@ -10,6 +10,12 @@ leave. There are no rooms, no commands and no checks on names: that is the desig
 ``python -m bench.classroom --port P`` runs it; the benchmark starts it that way
 (``bench.procs.Cluster.start_classroom``). Its slowness is the point of comparison: do
 not optimise it.
+
+Like the classic code it keeps the socket defaults, Nagle's algorithm included: a small
+write waits for the previous one's acknowledgement, which the receiver delays, so at low
+rates many lines arrive tens of milliseconds late. ``--nodelay`` turns that off
+(``TCP_NODELAY``, as asyncio does for every connection), to tell that delay apart from the
+cost of the design itself.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ BACKLOG = 4096
 class ClassroomServer:
     """The classic threaded chat server on one listening socket."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, nodelay: bool = False) -> None:
         self._listener = socket.create_server((host, port), backlog=BACKLOG)
+        self._nodelay = nodelay
         self._lock = threading.Lock()
         self._clients: dict[socket.socket, str] = {}  # guarded by _lock
         self._closed = threading.Event()
@@ -91,6 +98,8 @@ class ClassroomServer:
         buffer = b""
         name: str | None = None
         try:
+            if self._nodelay:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(notice_line(PROMPT))
             while True:
                 data = conn.recv(RECV_BYTES)
@@ -136,9 +145,10 @@ class ClassroomServer:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--host", default="127.0.0.1", help="Address to listen on.")
 @click.option("--port", default=5555, help="TCP port (0: any free port, printed).")
-def main(host: str, port: int) -> None:
+@click.option("--nodelay", is_flag=True, help="Turn Nagle's algorithm off (TCP_NODELAY).")
+def main(host: str, port: int, nodelay: bool) -> None:
     """Run the classroom chat server (the benchmark's comparison target) until killed."""
-    server = ClassroomServer(host, port)
+    server = ClassroomServer(host, port, nodelay)
     click.echo(f"classroom: listening on {server.address[0]}:{server.address[1]}", err=True)
     try:
         server.serve_forever()

@@ -113,9 +113,9 @@ class Cluster:
         return cluster
 
     @classmethod
-    def start_classroom(cls, timeout: float = 30.0) -> Cluster:
+    def start_classroom(cls, timeout: float = 30.0, nodelay: bool = False) -> Cluster:
         """The classroom server (``python -m bench.classroom``) on a free loopback port,
-        labelled ``classroom``."""
+        labelled ``classroom`` (with ``nodelay``: Nagle's algorithm off)."""
         workdir = tempfile.mkdtemp(prefix="chat-bench-")
         cluster = cls([], target="classroom", _dir=workdir)
         try:
@@ -123,7 +123,7 @@ class Cluster:
             log = open(Path(workdir) / "classroom.log", "wb")  # noqa: SIM115
             proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.classroom", "--host", "127.0.0.1",
-                 "--port", str(port)],
+                 "--port", str(port), *(["--nodelay"] if nodelay else [])],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
             cluster._procs.append(proc)
