@@ -10,8 +10,9 @@ from typing import Any
 #: The one line a run prints when --plot is asked for without matplotlib.
 MISSING = "bench: --plot needs matplotlib: pip install -e '.[bench]'"
 
-#: Each target's line style: our gateways solid, the classroom server dashed.
-_STYLES = {"gateways": "-", "classroom": "--"}
+#: Each target's line and marker: our gateways solid with dots, the classroom server dashed
+#: with hollow squares (told apart even where a run has one step only).
+_STYLES = {"gateways": ("-", "o", None), "classroom": ("--", "s", "none")}
 _PERCENTILES = (("p50_ms", "p50", "tab:green"), ("p90_ms", "p90", "tab:orange"),
                 ("p99_ms", "p99", "tab:red"))  # fmt: skip
 
@@ -41,13 +42,14 @@ def saturation_png(steps: dict[str, list[dict[str, Any]]], path: str, title: str
 
     fig, (latency, cpu) = plt.subplots(2, 1, sharex=True, figsize=(8, 7))
     for target, runs in steps.items():
-        style = _STYLES.get(target, ":")
+        line, marker, face = _STYLES.get(target, (":", "^", None))
+        look = {"linestyle": line, "marker": marker, "markerfacecolor": face}
         x = [_number(r["offered_msgs_per_s"]) * _number(r["clients"]) for r in runs]
         for key, label, colour in _PERCENTILES:
-            latency.plot(x, [_number(r[key]) for r in runs], style, marker="o",
-                         color=colour, label=f"{target} {label}")  # fmt: skip
-        cpu.plot(x, [_number(r.get("server_cpu_us_per_delivery")) for r in runs], style,
-                 marker="o", color="tab:blue", label=target)  # fmt: skip
+            latency.plot(x, [_number(r[key]) for r in runs], color=colour,
+                         label=f"{target} {label}", **look)  # fmt: skip
+        cpu.plot(x, [_number(r.get("server_cpu_us_per_delivery")) for r in runs],
+                 color="tab:blue", label=target, **look)  # fmt: skip
     latency.set_yscale("log")
     latency.set_ylabel("latency (ms)")
     latency.grid(True, which="both", alpha=0.3)
