@@ -1,4 +1,5 @@
-"""``python -m bench``: measure the chat cluster and print a table and JSON."""
+"""``python -m bench``: measure the chat cluster (with --compare, the classroom design too)
+and print a table and JSON."""
 
 from __future__ import annotations
 
