@@ -114,35 +114,41 @@ async def connect_all(
     prefix: str,
     concurrency: int = 200,
     room: str | None = None,
+    failures: list[str] | None = None,
+    deadline: float | None = None,
 ) -> list[LoadClient]:
     """``count`` logged-in clients spread round-robin over ``addresses`` (each moved to
-    ``room`` if given)."""
+    ``room`` if given). A client that cannot log in voids the run (:class:`LoginFailed`),
+    unless ``failures`` is given: then it is listed there and the others are returned.
+    Past ``deadline`` (``time.monotonic()``) no login starts: each left is a failure."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     clients: list[LoadClient] = []
-
-    failures: list[str] = []
+    failed: list[str] = [] if failures is None else failures
 
     async def one(index: int) -> None:
         host, port = addresses[index % len(addresses)]
         async with gate:
+            if deadline is not None and time.monotonic() > deadline:
+                failed.append("not tried: out of time")
+                return
             client = LoadClient(f"{prefix}{index}", stats, senders, room)
             try:
                 await loop.create_connection(lambda: client, host, port)
                 await asyncio.wait_for(client.welcomed, 30)
             except (OSError, RuntimeError, TimeoutError) as exc:
-                failures.append(str(exc) or type(exc).__name__)
+                failed.append(str(exc) or type(exc).__name__)
                 if client.transport is not None:
                     client.transport.close()
                 return
             clients.append(client)
 
     await asyncio.gather(*(one(i) for i in range(count)))
-    if failures:
+    if failed and failures is None:
         for client in clients:
             if client.transport is not None:
                 client.transport.close()
-        raise LoginFailed(len(failures), count, failures[0])
+        raise LoginFailed(len(failed), count, failed[0])
     return clients
 
 

@@ -1,6 +1,6 @@
 """The processes a benchmark runs against: its own redis-server (or a 3-primary Redis
-Cluster) and gateways, or running ones; and what they cost (CPU seconds, resident memory)
-read from /proc."""
+Cluster) and gateways, or the classroom server (``bench.classroom``) alone; and what they
+cost (CPU seconds, resident memory) read from /proc."""
 
 from __future__ import annotations
 
@@ -20,13 +20,20 @@ from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BIN = Path(sys.executable).parent
+#: Where ``bench`` is importable from (it is not installed): the project's root.
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Gateway flags for load: flood control and per-address limits exist to stop abuse, and
-#: every benchmark client comes from 127.0.0.1; join history is noise here.
+#: every benchmark client comes from 127.0.0.1.
 LOAD_FLAGS = (
-    "--rate-limit", "0", "--max-per-address", "0", "--max-clients", "0", "--history", "0",
+    "--rate-limit", "0", "--max-per-address", "0", "--max-clients", "0",
     "--log-level", "warning",
 )  # fmt: skip
+#: Join history is noise for the message workloads; the login storm keeps it.
+NO_HISTORY = ("--history", "0")
+
+#: What a run can be measured against: our gateways (on Redis), or the classroom server.
+TARGETS = ("gateways", "classroom")
 
 #: Primaries of the Redis Cluster that ``--redis cluster`` starts (no replicas).
 CLUSTER_NODES = 3
@@ -60,22 +67,32 @@ def self_cpu_seconds() -> float:
 @dataclass
 class Cluster:
     """A redis-server (or a Redis Cluster's nodes) and gateways started for the run (or
-    addresses of running ones)."""
+    addresses of running ones); or, with ``target="classroom"``, the classroom server,
+    whose one address is ``gateways[0]``. Every process in ``pids`` is the server side:
+    its CPU is what a delivery costs the service."""
 
     gateways: list[tuple[str, int]]
     pids: dict[str, int] = field(default_factory=dict)  # label -> pid, for CPU accounting
     #: Each gateway's health port, where ``GET /stats`` answers its counters.
     health_ports: list[int] = field(default_factory=list)
+    #: One of :data:`TARGETS`.
+    target: str = "gateways"
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _dir: str = ""
 
     @classmethod
     def start(
-        cls, count: int, timeout: float = 30.0, flags: tuple[str, ...] = (), redis: str = "one"
+        cls,
+        count: int,
+        timeout: float = 30.0,
+        flags: tuple[str, ...] = (),
+        redis: str = "one",
+        history: bool = False,
     ) -> Cluster:
         """``count`` gateways on a new redis-server (``redis="one"``) or on a new 3-primary
         Redis Cluster (``redis="cluster"``: gateway n on node n mod 3), with
-        :data:`LOAD_FLAGS` then ``flags`` (a later flag overrides an earlier one)."""
+        :data:`LOAD_FLAGS` (and :data:`NO_HISTORY` unless ``history``) then ``flags`` (a
+        later flag overrides an earlier one)."""
         if redis not in REDIS_KINDS:
             raise ValueError(f"redis must be one of {REDIS_KINDS}, not {redis!r}")
         server = shutil.which("redis-server")
@@ -88,11 +105,40 @@ class Cluster:
                 urls = cluster._start_redis_cluster(server, workdir, timeout)
             else:
                 urls = [cluster._start_redis(server, workdir, timeout)]
-            cluster._start_gateways(count, urls, workdir, timeout, flags)
+            load = LOAD_FLAGS if history else LOAD_FLAGS + NO_HISTORY
+            cluster._start_gateways(count, urls, workdir, timeout, load + flags)
         except BaseException:
             cluster.stop()
             raise
         return cluster
+
+    @classmethod
+    def start_classroom(cls, timeout: float = 30.0, nodelay: bool = False) -> Cluster:
+        """The classroom server (``python -m bench.classroom``) on a free loopback port,
+        labelled ``classroom`` (with ``nodelay``: Nagle's algorithm off)."""
+        workdir = tempfile.mkdtemp(prefix="chat-bench-")
+        cluster = cls([], target="classroom", _dir=workdir)
+        try:
+            port = free_port()
+            log = open(Path(workdir) / "classroom.log", "wb")  # noqa: SIM115
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.classroom", "--host", "127.0.0.1",
+                 "--port", str(port), *(["--nodelay"] if nodelay else [])],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
+            cluster._procs.append(proc)
+            cluster.pids["classroom"] = proc.pid
+            cluster.gateways.append(("127.0.0.1", port))
+            _wait_port(port, timeout)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def server_pid(self, index: int = 0) -> int | None:
+        """The pid of the process that serves ``gateways[index]`` (None: not ours)."""
+        label = "classroom" if self.target == "classroom" else f"gateway {index + 1}"
+        return self.pids.get(label)
 
     def _start_redis(self, server: str, workdir: str, timeout: float) -> str:
         """One redis-server, labelled ``redis``; returns its URL."""
@@ -167,7 +213,7 @@ class Cluster:
             gw = subprocess.Popen(
                 [str(BIN / "chat-gateway"), "--host", "127.0.0.1", "--port", str(gport),
                  "--redis-url", urls[n % len(urls)], "--gateway-id", f"bench-{n + 1}",
-                 "--health-port", str(hport), *LOAD_FLAGS, *flags],
+                 "--health-port", str(hport), *flags],
                 stdout=subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
             self._procs.append(gw)
@@ -195,9 +241,9 @@ class Cluster:
         return out
 
     def log_tail(self, lines: int = 5) -> str:
-        """The last lines of each gateway's log (warnings and errors only, at load)."""
+        """The last lines of each server process's log (warnings and errors only, at load)."""
         out = []
-        for path in sorted(Path(self._dir).glob("gw-*.log")) if self._dir else []:
+        for path in sorted(Path(self._dir).glob("*.log")) if self._dir else []:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             out += [f"{path.stem}: {line}" for line in tail]
         return "\n".join(out)

@@ -1,9 +1,11 @@
-"""The benchmark's workloads: fixed rate, saturation, idle connections."""
+"""The benchmark's workloads: fixed rate, saturation, idle connections, many rooms, a
+flooder, a login storm."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +15,20 @@ from bench.procs import Cluster, rss_bytes, self_cpu_seconds
 
 #: Seconds to wait, after the last message was sent, for the last deliveries.
 DRAIN_TIMEOUT = 5.0
+#: Seconds a login storm's client waits for its welcome before it counts as never in.
+LOGIN_TIMEOUT = 30.0
+#: The label of the load generator's own CPU in a run's ``cpu_seconds``; every other label
+#: is a server process (a gateway, a Redis, the classroom server).
+GENERATOR = "generator"
+
+
+def server_cpu_us(cpu_seconds: dict[str, float], count: int) -> float | None:
+    """Microseconds of server CPU (every process but the generator) per one of ``count``
+    (deliveries, logins); None if there were none."""
+    if not count:
+        return None
+    server = sum(v for label, v in cpu_seconds.items() if label != GENERATOR)
+    return round(server / count * 1e6, 3)
 
 
 def percentile(sorted_values: list[int], p: float) -> float:
@@ -46,9 +62,15 @@ class Run:
     def deliveries_per_s(self) -> float:
         return self.deliveries / self.seconds if self.seconds else 0.0
 
+    @property
+    def server_cpu_us_per_delivery(self) -> float | None:
+        """CPU of every gateway and Redis (or of the classroom server) per delivery, in µs."""
+        return server_cpu_us(self.cpu_seconds, self.deliveries)
+
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["deliveries_per_s"] = round(self.deliveries_per_s)
+        out["server_cpu_us_per_delivery"] = self.server_cpu_us_per_delivery
         return out
 
 
@@ -64,7 +86,7 @@ async def _measure(
     """Run ``send`` (which returns messages sent and deliveries expected of them), wait
     for the deliveries, and take the figures."""
     stats.reset()
-    before = cluster.cpu() | {"generator": self_cpu_seconds()}
+    before = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
     started = time.monotonic()
     sent, expected = await send()
     stats.target = expected
@@ -76,7 +98,7 @@ async def _measure(
     except TimeoutError:
         pass  # what did not arrive by now counts as lost
     elapsed = time.monotonic() - started
-    after = cluster.cpu() | {"generator": self_cpu_seconds()}
+    after = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
     latencies = sorted(stats.latencies_us)
     return Run(
         name=name,
@@ -202,14 +224,16 @@ async def saturation(
 
 @dataclass
 class IdleRun:
-    connections: int
+    connections: int  # registered
     seconds_to_register: float
     rss_before: int
     rss_after: int
+    #: Asked for but not registered (only where failures are tolerated: the classroom).
+    not_registered: int = 0
 
     @property
     def bytes_per_connection(self) -> float:
-        return (self.rss_after - self.rss_before) / self.connections
+        return (self.rss_after - self.rss_before) / self.connections if self.connections else 0
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -217,16 +241,23 @@ class IdleRun:
         return out
 
 
-async def idle(cluster: Cluster, connections: int) -> IdleRun:
-    """K registered idle clients on the first gateway: memory per connection, time to
-    register them all."""
+async def idle(cluster: Cluster, connections: int, budget: float | None = None) -> IdleRun:
+    """K registered idle clients on the first gateway (or the classroom server): memory
+    per connection, time to register them all. With ``budget`` (seconds), no login starts
+    after it and those that fail are counted, not fatal: the figures are of the clients
+    that got in."""
     stats = Stats()
     stats.recording = False
-    pid = cluster.pids.get("gateway 1")
+    pid = cluster.server_pid(0)
     before = rss_bytes(pid) if pid else 0
     started = time.monotonic()
+    failures: list[str] | None = None if budget is None else []
+    deadline = None if budget is None else started + budget
     try:
-        pool = await connect_all(cluster.gateways[:1], connections, stats, 1, "i", concurrency=500)
+        pool = await connect_all(
+            cluster.gateways[:1], connections, stats, 1, "i", concurrency=500,
+            failures=failures, deadline=deadline,
+        )  # fmt: skip
     except Exception:
         print(cluster.log_tail())
         raise
@@ -236,7 +267,7 @@ async def idle(cluster: Cluster, connections: int) -> IdleRun:
     for client in pool:
         if client.transport is not None:
             client.transport.close()
-    return IdleRun(connections, round(took, 2), before, after)
+    return IdleRun(len(pool), round(took, 2), before, after, connections - len(pool))
 
 
 @dataclass
@@ -308,3 +339,103 @@ async def rooms(
         for g in range(len(gateways))
     ]
     return RoomsRun(run, small_rooms + 1, inbound, own)
+
+
+@dataclass
+class LoginsRun:
+    """A login storm's figures: each login's time from connect to its welcome."""
+
+    clients: int
+    rate: float
+    logged_in: int
+    never_in: int  # timed out, refused or dropped
+    first_failure: str
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    cpu_seconds: dict[str, float]
+    #: Resident memory of the process logged into, before and with the clients still in.
+    rss_before: int
+    rss_after: int
+
+    @property
+    def server_cpu_us_per_login(self) -> float | None:
+        return server_cpu_us(self.cpu_seconds, self.logged_in)
+
+    @property
+    def bytes_per_connection(self) -> float:
+        return (self.rss_after - self.rss_before) / self.logged_in if self.logged_in else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["server_cpu_us_per_login"] = self.server_cpu_us_per_login
+        out["kib_per_connection"] = round(self.bytes_per_connection / 1024, 2)
+        return out
+
+
+async def logins(
+    cluster: Cluster, clients: int, rate: float, login_timeout: float = LOGIN_TIMEOUT
+) -> LoginsRun:
+    """``clients`` clients connecting at ``rate`` a second to the first address, each
+    timed from its connect to its welcome; one without a welcome after ``login_timeout``
+    seconds never got in. Bounded: the last connect is at ``clients / rate`` seconds."""
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    stats.recording = False
+    host, port = cluster.gateways[0]
+    took_us = array("Q")
+    failures: list[str] = []
+    pool: list[LoadClient] = []
+
+    async def one(index: int) -> None:
+        client = LoadClient(f"l{index}", stats, 1)
+        pool.append(client)
+        started = time.monotonic_ns()
+        try:
+            async with asyncio.timeout(login_timeout):
+                await loop.create_connection(lambda: client, host, port)
+                await client.welcomed
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            failures.append(str(exc) or type(exc).__name__)
+            return
+        took_us.append((time.monotonic_ns() - started) // 1000)
+
+    tasks: list[asyncio.Task[None]] = []
+    pid = cluster.server_pid(0)
+    rss_before = rss_bytes(pid) if pid else 0
+    before = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
+    started = time.monotonic()
+    try:
+        for index in range(clients):
+            # Paced by the clock, not by sleeps (which oversleep): no catch-up bursts
+            # beyond what one late wake-up owes.
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(index)))
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - started
+        after = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
+        rss_after = rss_bytes(pid) if pid else 0
+    finally:
+        for task in tasks:
+            task.cancel()
+        for client in pool:
+            if client.transport is not None:
+                client.transport.close()
+    latencies = sorted(took_us)
+    return LoginsRun(
+        clients=clients,
+        rate=rate,
+        logged_in=len(latencies),
+        never_in=len(failures),
+        first_failure=failures[0] if failures else "",
+        seconds=round(elapsed, 2),
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        max_ms=latencies[-1] / 1000.0 if latencies else float("nan"),
+        cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
+        rss_before=rss_before,
+        rss_after=rss_after,
+    )

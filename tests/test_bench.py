@@ -1,0 +1,186 @@
+"""The benchmark's own pieces, on a busy machine as well as a quiet one: the classroom
+server really is a chat (it relays, echoes and announces), the load generator drives it
+unchanged, server CPU per delivery is the sum of the server processes over deliveries,
+and --plot writes a PNG."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import plot, scenarios
+from bench.classroom import ClassroomServer
+from bench.procs import Cluster
+from tests.support import T
+
+
+@pytest.fixture
+def classroom() -> Iterator[tuple[str, int]]:
+    """The classroom server on a free loopback port, in a thread of this process."""
+    server = ClassroomServer("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.address
+    finally:
+        server.close()
+        thread.join(T)
+
+
+class LineSocket:
+    """A blocking line client: what a student's ``nc`` does, with a timeout."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=T)
+        self._buffer = b""
+
+    def line(self) -> str:
+        while b"\n" not in self._buffer:
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError(f"closed with {self._buffer!r} unread")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(f"{text}\n".encode())
+
+    def login(self, name: str) -> str:
+        assert self.line() == "* Choose a name:"
+        self.send(name)
+        return self.line()
+
+    def at_eof(self) -> bool:
+        return self._buffer == b"" and self.sock.recv(1) == b""
+
+
+def test_the_classroom_server_relays_to_everyone_with_echo_and_notices(
+    classroom: tuple[str, int],
+) -> None:
+    """Welcome with the count online, a join notice to the others, every line to everyone
+    as ``name: text`` (the sender too), and ``sair``: a goodbye, a leave notice, EOF."""
+    ana, bruno = LineSocket(classroom), LineSocket(classroom)
+    try:
+        assert ana.login("ana").startswith("* Welcome, ana! 1 user online.")
+        assert bruno.login("bruno").startswith("* Welcome, bruno! 2 users online.")
+        assert ana.line() == "* bruno joined the chat"
+
+        ana.send("bom dia")
+        assert ana.line() == "ana: bom dia"
+        assert bruno.line() == "ana: bom dia"
+
+        ana.sock.sendall(b"one\ntwo\n")  # two lines in one write: each one named
+        assert [bruno.line(), bruno.line()] == ["ana: one", "ana: two"]
+        assert [ana.line(), ana.line()] == ["ana: one", "ana: two"]
+
+        ana.send("sair")
+        assert ana.line() == "* Goodbye, ana!"
+        assert ana.at_eof()
+        assert bruno.line() == "* ana left the chat"
+    finally:
+        ana.sock.close()
+        bruno.sock.close()
+
+
+def test_a_client_that_drops_is_announced_as_leaving(classroom: tuple[str, int]) -> None:
+    """Closing the socket without ``sair`` is a leave too."""
+    ana, bruno = LineSocket(classroom), LineSocket(classroom)
+    try:
+        ana.login("ana")
+        bruno.login("bruno")
+        assert ana.line() == "* bruno joined the chat"
+        bruno.sock.close()
+        assert ana.line() == "* bruno left the chat"
+    finally:
+        ana.sock.close()
+
+
+async def test_the_load_generator_drives_the_classroom_server(
+    classroom: tuple[str, int],
+) -> None:
+    """The fixed workload, unchanged, against the classroom server: every message reaches
+    every client (the sender included), none lost or out of order."""
+    run = await scenarios.fixed(Cluster([classroom]), 4, 2, 20.0, 0.5)
+    assert run.sent > 0
+    assert run.deliveries == run.expected_deliveries == run.sent * 4
+    assert (run.lost, run.duplicates_or_reordered) == (0, 0)
+
+
+async def test_a_login_storm_times_each_login(classroom: tuple[str, int]) -> None:
+    """Every client gets in, and each login has a time."""
+    run = await scenarios.logins(Cluster([classroom]), 20, 200.0, login_timeout=T)
+    assert (run.logged_in, run.never_in) == (20, 0)
+    assert 0 < run.p50_ms <= run.p99_ms <= run.max_ms
+    assert run.as_dict()["server_cpu_us_per_login"] == 0  # no server pid here: none counted
+
+
+async def test_a_login_without_a_welcome_counts_as_never_in() -> None:
+    """A server that accepts connections but never welcomes anyone: each login times out
+    and is counted, not fatal."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        run = await scenarios.logins(Cluster([silent.getsockname()]), 3, 100.0, 0.2)
+    assert (run.logged_in, run.never_in) == (0, 3)
+    assert run.first_failure == "TimeoutError"
+    assert run.as_dict()["server_cpu_us_per_login"] is None
+
+
+def _run(cpu: dict[str, float], deliveries: int) -> scenarios.Run:
+    return scenarios.Run(
+        "fixed", 10, 1, 10.0, 100, deliveries, deliveries, 1.0, 1.0, 2.0, 3.0, 4.0, 0, 0, cpu
+    )
+
+
+@pytest.mark.parametrize(
+    ("cpu", "deliveries", "expected"),
+    [
+        # Every gateway and Redis count; the generator does not.
+        ({"redis": 0.25, "gateway 1": 1.0, "gateway 2": 0.5, "generator": 4.0}, 250_000, 7.0),
+        ({"redis 1": 0.1, "redis 2": 0.1, "redis 3": 0.3, "gateway 1": 0.5}, 1_000_000, 1.0),
+        ({"classroom": 0.5, "generator": 1.0}, 100_000, 5.0),
+        ({"classroom": 0.5, "generator": 1.0}, 0, None),
+    ],
+)
+def test_server_cpu_per_delivery_is_the_servers_cpu_over_deliveries(
+    cpu: dict[str, float], deliveries: int, expected: float | None
+) -> None:
+    run = _run(cpu, deliveries)
+    assert run.server_cpu_us_per_delivery == expected
+    assert run.as_dict()["server_cpu_us_per_delivery"] == expected
+
+
+def _steps(p99s: list[float], cpu_us: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "offered_msgs_per_s": 2000.0 * 1.5**n,
+            "clients": 100,
+            "p50_ms": p99 / 4,
+            "p90_ms": p99 / 2,
+            "p99_ms": p99,
+            "server_cpu_us_per_delivery": cpu_us,
+        }
+        for n, p99 in enumerate(p99s)
+    ]
+
+
+def test_the_plot_is_a_png(tmp_path: Path) -> None:
+    """Both targets' steps, one of them shorter and with a step without deliveries."""
+    steps = {"gateways": _steps([2.0, 3.0, 9.0], 6.0), "classroom": _steps([40.0], 30.0)}
+    steps["classroom"].append({**steps["classroom"][0], "server_cpu_us_per_delivery": None})
+    path = tmp_path / "saturation.png"
+    plot.saturation_png(steps, str(path))
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_without_matplotlib_the_plot_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as exc:
+        plot.require()
+    assert exc.value.code == plot.MISSING
+    assert "\n" not in plot.MISSING
