@@ -88,13 +88,27 @@ class BulkReader:
                     raise reply
                 self._error = reply  # raised by the next read, after those before it
                 break
-            replies.append(_reply(reply))
+            replies.append(parsed := _reply(reply))
+            if parsed[0] in ("unsubscribe", "sunsubscribe"):
+                self._settle(parsed[0], reply[1])
             if len(replies) >= most:
                 break
             reply = reader.gets()
         if replies:
             self._heard, self._pinged = time.monotonic(), False
         return replies
+
+    def _settle(self, kind: str, channel: Any) -> None:
+        """Keep redis-py's account of the subscriptions, as ``get_message`` would: a
+        channel whose unsubscription is confirmed is forgotten."""
+        pubsub = self._pubsub
+        if kind == "unsubscribe":
+            pending, channels = pubsub.pending_unsubscribe_channels, pubsub.channels
+        else:
+            pending, channels = pubsub.pending_unsubscribe_shard_channels, pubsub.shard_channels
+        if channel in pending:
+            pending.remove(channel)
+            channels.pop(channel, None)
 
     async def _wait_for_data(self, wait: float) -> None:
         """One socket read into the parser, or nothing after ``wait`` seconds (then a
