@@ -385,7 +385,9 @@ def main(
             f"\nidle{f' ({target})' if compare else ''}: {r_idle.connections} connections "
             f"registered in {r_idle.seconds_to_register:.1f}s{missing}; {server} RSS "
             f"{r_idle.rss_before / 2**20:.1f} -> {r_idle.rss_after / 2**20:.1f} MiB, "
-            f"{r_idle.bytes_per_connection / 1024:.2f} KiB per connection"
+            f"{r_idle.bytes_per_connection / 1024:.2f} KiB per connection; every server "
+            f"process (gateways and Redis, or the classroom server) "
+            f"{r_idle.server_bytes_per_connection / 1024:.2f} KiB per connection"
         )
         put(target, "idle", r_idle.as_dict())
 

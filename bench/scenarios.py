@@ -230,14 +230,23 @@ class IdleRun:
     rss_after: int
     #: Asked for but not registered (only where failures are tolerated: the classroom).
     not_registered: int = 0
+    #: RSS of every server process (gateways and Redis, or the classroom server).
+    server_rss_before: int = 0
+    server_rss_after: int = 0
 
     @property
     def bytes_per_connection(self) -> float:
         return (self.rss_after - self.rss_before) / self.connections if self.connections else 0
 
+    @property
+    def server_bytes_per_connection(self) -> float:
+        grown = self.server_rss_after - self.server_rss_before
+        return grown / self.connections if self.connections else 0
+
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["kib_per_connection"] = round(self.bytes_per_connection / 1024, 2)
+        out["server_kib_per_connection"] = round(self.server_bytes_per_connection / 1024, 2)
         return out
 
 
@@ -250,6 +259,7 @@ async def idle(cluster: Cluster, connections: int, budget: float | None = None) 
     stats.recording = False
     pid = cluster.server_pid(0)
     before = rss_bytes(pid) if pid else 0
+    servers_before = _server_rss(cluster)
     started = time.monotonic()
     failures: list[str] | None = None if budget is None else []
     deadline = None if budget is None else started + budget
@@ -264,10 +274,19 @@ async def idle(cluster: Cluster, connections: int, budget: float | None = None) 
     took = time.monotonic() - started
     await asyncio.sleep(1.0)  # let the notices of the last joins settle
     after = rss_bytes(pid) if pid else 0
+    servers_after = _server_rss(cluster)
     for client in pool:
         if client.transport is not None:
             client.transport.close()
-    return IdleRun(len(pool), round(took, 2), before, after, connections - len(pool))
+    return IdleRun(
+        len(pool), round(took, 2), before, after, connections - len(pool),
+        servers_before, servers_after,
+    )  # fmt: skip
+
+
+def _server_rss(cluster: Cluster) -> int:
+    """The RSS of every server process (every one in ``pids``), summed."""
+    return sum(rss_bytes(pid) for pid in cluster.pids.values())
 
 
 @dataclass

@@ -5,6 +5,7 @@ and --plot writes a PNG."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -119,6 +120,18 @@ async def test_a_login_storm_times_each_login(classroom: tuple[str, int]) -> Non
     assert (run.logged_in, run.never_in) == (20, 0)
     assert 0 < run.p50_ms <= run.p99_ms <= run.max_ms
     assert run.as_dict()["server_cpu_us_per_login"] == 0  # no server pid here: none counted
+
+
+async def test_idle_measures_every_server_process(classroom: tuple[str, int]) -> None:
+    """idle registers its clients and reads the RSS of every server process, before and
+    after (here this process, which runs the classroom server's threads)."""
+    cluster = Cluster([classroom])
+    cluster.pids["classroom"] = os.getpid()
+    run = await scenarios.idle(cluster, 50)
+    assert run.connections == 50
+    assert run.server_rss_before > 0 and run.server_rss_after > 0
+    grown = (run.server_rss_after - run.server_rss_before) / 50 / 1024
+    assert run.as_dict()["server_kib_per_connection"] == round(grown, 2)
 
 
 async def test_a_login_without_a_welcome_counts_as_never_in() -> None:
