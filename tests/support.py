@@ -308,6 +308,30 @@ class ChatClient(LineClient):
             pass
 
 
+async def flood_past(stalled_name: str, watcher: ChatClient, flooder: ChatClient) -> None:
+    """``flooder`` says 2,500 lines of 4 kB (10 MB: far past the 1 MiB a gateway queues
+    per client, plus every buffer on the way) while ``stalled_name``, logged in, reads
+    nothing: ``watcher`` and ``flooder`` see every line in order, and the stalled reader
+    leave."""
+    await watcher.expect(f"* {stalled_name} joined the chat")
+    await flooder.expect(f"* {stalled_name} joined the chat")
+    count, body = 2500, "z" * 4000
+
+    async def flood() -> None:
+        for n in range(count):
+            flooder.writer.write(f"{n:05d} {body}\n".encode())
+            await flooder.writer.drain()
+
+    async def drain(client: ChatClient) -> list[str]:
+        return await client.expect(lambda line: line.startswith(f"flooder: {count - 1:05d}"), 6 * T)
+
+    _, seen, _ = await asyncio.gather(flood(), drain(watcher), drain(flooder))
+    chat = [line[9:14] for line in seen if line.startswith("flooder: ")]
+    assert chat == [f"{n:05d}" for n in range(count)]
+    if f"* {stalled_name} left the chat" not in seen:  # cut after the last line was queued
+        await watcher.expect(f"* {stalled_name} left the chat")
+
+
 async def run_cli(
     *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.conftest import Cluster
-from tests.support import ChatClient, T, run_cli
+from tests.support import ChatClient, T, flood_past, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -291,23 +291,7 @@ async def test_stalled_reader_is_cut_without_delaying_others(cluster: Cluster) -
     flooder = await cluster.user(1, "flooder")
     stalled = await cluster.connect(0, rcvbuf=4096)
     await stalled.login("stalled")  # and never reads again
-    await watcher.expect("* stalled joined the chat")
-    await flooder.expect("* stalled joined the chat")
-    count, body = 2500, "z" * 4000  # 10 MB: far past 1 MiB plus every kernel buffer
-
-    async def flood() -> None:
-        for n in range(count):
-            flooder.writer.write(f"{n:05d} {body}\n".encode())
-            await flooder.writer.drain()
-
-    async def drain(client: ChatClient) -> list[str]:
-        return await client.expect(lambda line: line.startswith(f"flooder: {count - 1:05d}"), 6 * T)
-
-    _, seen, _ = await asyncio.gather(flood(), drain(watcher), drain(flooder))
-    chat = [line[9:14] for line in seen if line.startswith("flooder: ")]
-    assert chat == [f"{n:05d}" for n in range(count)]
-    if "* stalled left the chat" not in seen:  # cut after the last flood line was queued
-        await watcher.expect("* stalled left the chat")
+    await flood_past("stalled", watcher, flooder)
     assert await stalled.at_eof(2 * T)
     assert any("stopped reading" in line for line in cluster.gateways[0].log.lines)  # type: ignore[union-attr]
 

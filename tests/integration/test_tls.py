@@ -14,7 +14,16 @@ import pytest
 import websockets.asyncio.client
 
 from tests.conftest import Cluster
-from tests.support import BIN, ChatClient, GatewayProcess, T, clean_env, free_port, run_cli
+from tests.support import (
+    BIN,
+    ChatClient,
+    GatewayProcess,
+    T,
+    clean_env,
+    flood_past,
+    free_port,
+    run_cli,
+)
 from tests.tls_support import Certificates, common_name
 
 pytestmark = pytest.mark.integration
@@ -158,23 +167,7 @@ async def test_a_tls_client_that_stops_reading_is_cut_without_delaying_others(
     stalled = await ChatClient.connect(gateway.tls_port, rcvbuf=4096, tls=certs.client_context())
     cluster.clients.append(stalled)
     await stalled.login("stalled")  # and never reads again
-    await watcher.expect("* stalled joined the chat")
-    await flooder.expect("* stalled joined the chat")
-    count, body = 2500, "z" * 4000  # 10 MB: far past 1 MiB plus every buffer on the way
-
-    async def flood() -> None:
-        for n in range(count):
-            flooder.writer.write(f"{n:05d} {body}\n".encode())
-            await flooder.writer.drain()
-
-    async def drain(client: ChatClient) -> list[str]:
-        return await client.expect(lambda line: line.startswith(f"flooder: {count - 1:05d}"), 6 * T)
-
-    _, seen, _ = await asyncio.gather(flood(), drain(watcher), drain(flooder))
-    chat = [line[9:14] for line in seen if line.startswith("flooder: ")]
-    assert chat == [f"{n:05d}" for n in range(count)]
-    if "* stalled left the chat" not in seen:  # cut after the last flood line was queued
-        await watcher.expect("* stalled left the chat")
+    await flood_past("stalled", watcher, flooder)
     assert re.search(r"stalled \(\S+\) stopped reading", log_of(gateway)), log_of(gateway)
     # Cut with data unread: a reset is what the client may see instead of an end.
     with contextlib.suppress(ConnectionResetError, ssl.SSLError):

@@ -28,7 +28,7 @@ from chatwire.texts import (
 )
 from gateway.web.transport import MAX_MESSAGE_BYTES
 from tests.conftest import Cluster
-from tests.support import ChatClient, T, run_cli
+from tests.support import T, flood_past, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -176,23 +176,7 @@ async def test_a_websocket_that_stops_reading_is_cut_without_delaying_others(
     # It reads nothing: one frame fills its client's queue, then the socket stops.
     stalled = await cluster.web(0, rcvbuf=4096, max_queue=1)
     await stalled.login("stalled")
-    await watcher.expect("* stalled joined the chat")
-    await flooder.expect("* stalled joined the chat")
-    count, body = 2500, "z" * 4000  # 10 MB: far past 1 MiB plus every kernel buffer
-
-    async def flood() -> None:
-        for n in range(count):
-            flooder.writer.write(f"{n:05d} {body}\n".encode())
-            await flooder.writer.drain()
-
-    async def drain(client: ChatClient) -> list[str]:
-        return await client.expect(lambda line: line.startswith(f"flooder: {count - 1:05d}"), 6 * T)
-
-    _, seen, _ = await asyncio.gather(flood(), drain(watcher), drain(flooder))
-    chat = [line[9:14] for line in seen if line.startswith("flooder: ")]
-    assert chat == [f"{n:05d}" for n in range(count)]
-    if "* stalled left the chat" not in seen:
-        await watcher.expect("* stalled left the chat")
+    await flood_past("stalled", watcher, flooder)
     assert cluster.gateways[0].log is not None
     assert any("stopped reading" in line for line in cluster.gateways[0].log.lines)
     code, _ = await stalled.closed(2 * T)
