@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import resource
+import shlex
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -138,6 +139,12 @@ def _print_logins(runs: list[scenarios.LoginsRun], targets: list[str]) -> None:
     help="--compare: start the classroom server with Nagle's algorithm off (TCP_NODELAY, as "
     "the gateways have it); the classic code leaves it on, which delays small writes.",
 )
+@click.option(
+    "--gateway-args",
+    default="",
+    help="More chat-gateway flags, as one string (e.g. '--flush-window 0'), after the "
+    "benchmark's own: to measure a setting against its default.",
+)
 @click.option("--clients", default=None, type=int, help="Clients (fixed: 300, saturation: 100).")
 @click.option("--senders", default=None, type=int, help="Senders (fixed: 30, saturation: 10).")
 @click.option("--rate", default=10.0, help="fixed: messages a second per sender.")
@@ -167,7 +174,7 @@ def _print_logins(runs: list[scenarios.LoginsRun], targets: list[str]) -> None:
 )
 def main(
     workload: str, gateways: int, redis_kind: str, compare: bool, classroom_nodelay: bool,
-    clients: int | None,
+    gateway_args: str, clients: int | None,
     senders: int | None, rate: float, duration: float, start_rate: float, factor: float,
     steps: int, step_seconds: float, connections: int, small_rooms: int, room_size: int,
     big_room: int, login_count: int, login_rate: float, login_timeout: float,
@@ -184,6 +191,8 @@ def main(
     run, loop_name = _loop_runner()
     targets = list(TARGETS) if compare else ["gateways"]
     results: dict[str, Any] = {"loop": loop_name, "gateways": gateways}
+    if gateway_args:
+        results["gateway_args"] = gateway_args
     classroom: dict[str, Any] = {}
     ratios: dict[str, Any] = {}
     if redis_kind == "one":
@@ -205,7 +214,8 @@ def main(
     def start(target: str, flags: tuple[str, ...] = (), history: bool = False) -> Cluster:
         if target == "classroom":
             return Cluster.start_classroom(nodelay=classroom_nodelay)
-        return Cluster.start(gateways, flags=flags, redis=redis_kind, history=history)
+        extra = tuple(shlex.split(gateway_args))
+        return Cluster.start(gateways, flags=flags + extra, redis=redis_kind, history=history)
 
     def put(target: str, name: str, value: Any) -> None:
         (classroom if target == "classroom" else results)[name] = value

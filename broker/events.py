@@ -7,8 +7,11 @@ is spelled once (``tests/test_events.py`` round-trips every kind, through Lua as
 **Room events** go to a room's stream and channel in one atomic step, so each carries its
 stream id: the id orders the room's events cluster-wide and lets a gateway that lost its
 subscription replay exactly what it missed and drop what it already delivered. On the
-channel a message is ``<stream id> <JSON>``; in the stream the JSON is the entry's field
-``d``.
+channel a message is ``<stream id> <body>``; in the stream the body is the entry's field
+``d``. A body is JSON, except a chat message's: ``m NAME: TEXT``, the line itself as every
+recipient is sent it (names hold no ``:`` and no space, lines no line break), so the
+gateways fan it out as it comes, without decoding and encoding it again. (Chat messages
+in JSON, as earlier versions wrote them, are still read.)
 
 **Inbox events** go to one gateway's inbox channel only (a private message for one of its
 users, an operator's kick); they are not kept.
@@ -16,7 +19,7 @@ users, an operator's kick); they are not kept.
 =========  =====  ===============================================================
 kind       where  fields
 =========  =====  ===============================================================
-``msg``    room   name, text
+``msg``    room   name, text (not JSON: ``m NAME: TEXT``)
 ``join``   room   name, gateway, session, room ("" for a login, else the room's
                   name: the user moved in)
 ``leave``  room   name, gateway, session, to ("" for leaving the chat, else the
@@ -30,10 +33,11 @@ kind       where  fields
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import EventDecodeError
+from chatwire.texts import CHAT_SEPARATOR
 
 # --- room events ----------------------------------------------------------------------------
 
@@ -43,6 +47,9 @@ class ChatMessage:
     id: str
     name: str
     text: str
+    #: ``NAME: TEXT`` and a newline, the bytes every recipient is sent, as they came off
+    #: the bus ("": not at hand, made from the name and text).
+    line: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +116,15 @@ def _encode(fields: dict[str, Any]) -> str:
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
+#: What a chat message's body starts with (no JSON body does).
+MESSAGE_MARK = "m "
+_MESSAGE_MARK = MESSAGE_MARK.encode()
+
+
 def encode_message(name: str, text: str) -> str:
-    """The JSON body of a chat message (the id is added by Redis when it is appended)."""
-    return _encode({"kind": "msg", "name": name, "text": text})
+    """The body of a chat message, ``m NAME: TEXT`` (the id is added by Redis when it is
+    appended)."""
+    return f"{MESSAGE_MARK}{name}{CHAT_SEPARATOR}{text}"
 
 
 def encode_join(name: str, gateway: str, session: str, room: str = "") -> str:
@@ -158,15 +171,24 @@ def stream_id_key(event_id: str) -> tuple[int, int]:
 
 
 def decode_bus_message(data: bytes | str) -> RoomEvent:
-    """Decode ``<stream id> <JSON>`` from a room channel."""
-    if isinstance(data, bytes):
-        data = data.decode("utf-8", "replace")
-    event_id, _, body = data.partition(" ")
+    """Decode ``<stream id> <body>`` from a room channel."""
+    if isinstance(data, str):
+        data = data.encode()
+    raw_id, _, body = data.partition(b" ")
+    event_id = raw_id.decode("ascii", "replace")
     try:
         stream_id_key(event_id)
     except ValueError:
         raise EventDecodeError(f"not a stream id: {event_id[:40]!r}") from None
     return decode_event(event_id, body)
+
+
+def _message(event_id: str, line: bytes) -> ChatMessage:
+    """The chat message whose body is ``m `` and then ``line`` (``NAME: TEXT``)."""
+    name, found, text = line.decode("utf-8", "replace").partition(CHAT_SEPARATOR)
+    if not found:
+        raise EventDecodeError(f"event {event_id}: a chat message without a name")
+    return ChatMessage(event_id, name, text, line + b"\n")
 
 
 def _fields(body: str | bytes, what: str) -> dict[str, Any]:
@@ -180,7 +202,11 @@ def _fields(body: str | bytes, what: str) -> dict[str, Any]:
 
 
 def decode_event(event_id: str, body: str | bytes) -> RoomEvent:
-    """Decode the JSON body of the room event with stream id ``event_id``."""
+    """Decode the body of the room event with stream id ``event_id``."""
+    if isinstance(body, str):
+        body = body.encode()
+    if body.startswith(_MESSAGE_MARK):
+        return _message(event_id, body[len(_MESSAGE_MARK) :])
     fields = _fields(body, f"event {event_id}")
     kind = fields.get("kind")
     try:

@@ -49,9 +49,13 @@ FRAME_LINE_BREAK_TEXT = "one line per frame: this frame has a line break inside;
 # --- line shapes ----------------------------------------------------------------------------
 
 
+#: Between the sender's name and the text in a chat line (names hold no ``:``).
+CHAT_SEPARATOR = ": "
+
+
 def chat_line(name: str, text: str) -> bytes:
     """A room message as every recipient sees it: ``NAME: TEXT``."""
-    return f"{name}: {text}\n".encode()
+    return f"{name}{CHAT_SEPARATOR}{text}\n".encode()
 
 
 def notice_line(text: str) -> bytes:

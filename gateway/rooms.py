@@ -207,7 +207,7 @@ class Room:
             first = first or key[0]
             match event:
                 case ChatMessage():
-                    lines.append(chat_line(event.name, event.text))
+                    lines.append(event.line or chat_line(event.name, event.text))
                     messages += 1
                 case Announcement():
                     lines.append(notice_line(announcement_text(event.text)))

@@ -44,6 +44,7 @@ from broker.events import (
     encode_private,
 )
 from chatwire.names import DEFAULT_ROOM_KEY
+from chatwire.texts import chat_line
 
 #: Text that JSON and Lua could each mangle: quotes, backslashes, a slash (Lua's cjson
 #: escapes it), control characters, accents, a character outside the BMP, U+2028.
@@ -100,19 +101,38 @@ def test_member_record_round_trips() -> None:
 
 
 def test_encoders_write_one_line_of_compact_json_with_the_kind() -> None:
-    """Encoded events are single-line JSON objects naming their kind (the bus form splits
-    the id off at the first space, and a stream entry is one field)."""
+    """Encoded events other than chat messages are single-line JSON objects naming their
+    kind (the bus form splits the id off at the first space, and a stream entry is one
+    field)."""
     for body, kind in (
-        (encode_message("a", "b\nc"), "msg"),
         (encode_join("a", "g", "s"), "join"),
         (encode_leave("a", "g", "s"), "leave"),
-        (encode_announcement("x"), "notice"),
+        (encode_announcement("x\ny"), "notice"),
         (encode_private("k", "a", "x"), "pm"),
         (encode_kick("k", "x"), "kick"),
     ):
         assert "\n" not in body
         assert body.startswith("{") and body.endswith("}")
         assert f'"kind":"{kind}"' in body
+
+
+def test_a_chat_message_travels_as_the_line_its_recipients_are_sent() -> None:
+    """A chat message's body is ``m `` and the chat line itself; decoded from the bus it
+    carries those very bytes, which the gateways write out without encoding them again."""
+    body = encode_message("Zoë", "hi: there 🙂")
+    assert body == "m Zoë: hi: there 🙂"
+    event = decode_bus_message(f"7-0 {body}".encode())
+    assert event == ChatMessage("7-0", "Zoë", "hi: there 🙂")
+    assert isinstance(event, ChatMessage)
+    assert event.line == chat_line("Zoë", "hi: there 🙂")
+
+
+def test_chat_messages_in_json_from_earlier_versions_are_still_read() -> None:
+    """A stream written before messages travelled as lines (kept on disk across an
+    upgrade) still gives its messages: history and replay read them as before."""
+    old = '{"kind":"msg","name":"Alice","text":"hi"}'
+    assert decode_event("1-0", old) == ChatMessage("1-0", "Alice", "hi")
+    assert decode_bus_message(f"1-0 {old}".encode()) == ChatMessage("1-0", "Alice", "hi")
 
 
 def test_decoding_tolerates_absent_optional_fields() -> None:
@@ -152,6 +172,8 @@ def test_decoding_tolerates_absent_optional_fields() -> None:
         '{"kind": "kick", "key": "k", "reason": "r"}',
         '{"kind": "message", "name": "x", "text": "y"}',
         '{"kind": null}',
+        "m no separator",
+        "m ",
     ],
 )
 def test_decode_event_rejects_malformed_bodies(body: str) -> None:
@@ -173,6 +195,8 @@ def test_decode_event_rejects_malformed_bodies(body: str) -> None:
         '1-y {"kind":"msg","name":"a","text":"b"}',
         b'1-0 {"kind":"msg","name":"a"}',
         b"1-0 \xff\xfe",
+        b"1-0 m nameless",
+        "m a: b",
     ],
 )
 def test_decode_bus_message_rejects_malformed_messages(data: bytes | str) -> None:
