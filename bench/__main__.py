@@ -142,7 +142,7 @@ def _print_logins(runs: list[scenarios.LoginsRun], targets: list[str]) -> None:
 @click.option(
     "--gateway-args",
     default="",
-    help="More chat-gateway flags, as one string (e.g. '--flush-window 0'), after the "
+    help="More chat-gateway flags, as one string (e.g. '--notice-limit 0'), after the "
     "benchmark's own: to measure a setting against its default.",
 )
 @click.option("--clients", default=None, type=int, help="Clients (fixed: 300, saturation: 100).")

@@ -185,10 +185,14 @@ def decode_bus_message(data: bytes | str) -> RoomEvent:
 
 def _message(event_id: str, line: bytes) -> ChatMessage:
     """The chat message whose body is ``m `` and then ``line`` (``NAME: TEXT``)."""
-    name, found, text = line.decode("utf-8", "replace").partition(CHAT_SEPARATOR)
+    try:
+        decoded = line.decode()
+    except UnicodeDecodeError:  # not written by a gateway: what reaches clients is UTF-8
+        decoded, line = line.decode("utf-8", "replace"), b""
+    name, found, text = decoded.partition(CHAT_SEPARATOR)
     if not found:
         raise EventDecodeError(f"event {event_id}: a chat message without a name")
-    return ChatMessage(event_id, name, text, line + b"\n")
+    return ChatMessage(event_id, name, text, line and line + b"\n")
 
 
 def _fields(body: str | bytes, what: str) -> dict[str, Any]:

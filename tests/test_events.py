@@ -127,6 +127,15 @@ def test_a_chat_message_travels_as_the_line_its_recipients_are_sent() -> None:
     assert event.line == chat_line("Zoë", "hi: there 🙂")
 
 
+def test_a_chat_message_that_is_not_utf8_is_sent_as_valid_utf8() -> None:
+    """Bytes on the bus that no gateway wrote (not UTF-8) never reach a client as they
+    are: the line is made again from the text as decoded."""
+    event = decode_bus_message(b"7-0 m Zo\xeb: caf\xe9")
+    assert isinstance(event, ChatMessage)
+    assert event.line == b""
+    assert event == ChatMessage("7-0", "Zo\ufffd", "caf\ufffd")
+
+
 def test_chat_messages_in_json_from_earlier_versions_are_still_read() -> None:
     """A stream written before messages travelled as lines (kept on disk across an
     upgrade) still gives its messages: history and replay read them as before."""
