@@ -1,12 +1,15 @@
-"""Reading a subscribed connection in bulk: every reply one socket read brings, parsed by
-hiredis in one go.
+"""Reading a subscribed connection in bulk: the bytes Redis sends are fed to hiredis as
+they arrive, and every complete reply is taken in one go.
 
 redis-py's ``PubSub.get_message`` costs some 30 µs a message (timeouts, health checks and
-a dict per message, on each call); a busy gateway receives tens of thousands of bus
-messages a second. Once subscribed, the connection only ever brings pub/sub replies, so
-this reads them straight from the connection's hiredis reader (1.5 µs a message, measured
-with ``bench``'s message size). It sends its own keepalive ``PING`` when the connection has
-been quiet for a while, and calls the connection dead when even that gets no answer.
+a dict per message, on each call), and even reading its connection's stream directly
+wakes a chain of futures, a timeout and a stream read for every socket read. A gateway's
+subscription is woken by nearly every message it carries, so this takes the connection's
+incoming bytes straight from the transport instead: a small protocol in front of redis-py's
+feeds them to the connection's own hiredis reader and wakes the one waiting reader. Once
+subscribed, the connection only ever brings pub/sub replies, and redis-py never reads it
+again. A timer sends a keepalive ``PING`` when the connection has been quiet for a while,
+and calls the connection dead when even that gets no answer.
 
 Where the connection has no hiredis parser (hiredis missing, or the embedded fakeredis),
 it falls back to ``get_message``; the replies look the same either way.
@@ -15,7 +18,8 @@ it falls back to ``get_message``; the replies look the same either way.
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
@@ -23,14 +27,26 @@ from redis.asyncio.client import PubSub
 
 from broker.translate import text
 
-try:  # redis-py's hiredis parser, whose reader and socket read this drives
+try:  # redis-py's hiredis parser, whose reader this feeds
     from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 except ImportError:  # pragma: no cover - an older or newer layout: use get_message
     NOT_ENOUGH_DATA, _AsyncHiredisParser = None, None  # type: ignore[assignment, misc]
 
+log = logging.getLogger(__name__)
+
 #: One pub/sub reply: (kind, channel, payload), e.g. ("message", "chat:room:{#a}:bus",
 #: b"...") or ("subscribe", channel, 1). Kinds are as Redis names them.
 Reply = tuple[str, str, Any]
+
+#: Seconds a read waits on the fallback path (``get_message``) before returning nothing.
+POLL_INTERVAL = 1.0
+#: Bytes received and not yet read past which the connection stops reading: Redis then
+#: holds what follows, and cuts the subscription if it holds too much (the gap is replayed
+#: from the streams), rather than this process buffering without end.
+MAX_UNREAD = 4 * 1024 * 1024
+
+_PING = b"*1\r\n$4\r\nPING\r\n"
+_MESSAGE = (b"message", b"smessage")
 
 
 def _reply(reply: Any) -> Reply:
@@ -43,8 +59,35 @@ def _reply(reply: Any) -> Reply:
     return "reply", "", reply
 
 
+class _Tap(asyncio.Protocol):
+    """In front of redis-py's protocol on a subscribed connection: takes the incoming
+    bytes, hands every other event on (so that closing the connection works as before)."""
+
+    def __init__(self, inner: asyncio.Protocol, reader: BulkReader) -> None:
+        self.inner = inner
+        self._reader = reader
+
+    def data_received(self, data: bytes) -> None:
+        self._reader._received(data)
+
+    def eof_received(self) -> bool | None:
+        self._reader._lost(None)
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._reader._lost(exc)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class BulkReader:
-    """The replies arriving on ``pubsub``'s connection (subscribed already)."""
+    """The replies arriving on ``pubsub``'s connection (subscribed already). One reader per
+    connection; :meth:`close` it when done with the connection."""
 
     def __init__(self, pubsub: PubSub, keepalive: float, answer_timeout: float) -> None:
         """``keepalive``: seconds of silence after which a ``PING`` is sent;
@@ -53,50 +96,183 @@ class BulkReader:
         self._pubsub = pubsub
         self._keepalive = keepalive
         self._answer_timeout = answer_timeout
+        self._error: Exception | None = None
+        self._most = 0
+        self._waiter: asyncio.Future[None] | None = None
+        #: Given by :meth:`run`: takes the replies as they arrive.
+        self._sink: Callable[[list[Reply]], None] | None = None
+        self._unread = 0
+        self._paused = False
+        self._heard = True
+        self._pinged = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: Any = None
+        self._parser: Any = None
         connection = pubsub.connection
         parser = getattr(connection, "_parser", None)
-        usable = (
+        stream = getattr(connection, "_reader", None)
+        writer = getattr(connection, "_writer", None)
+        if (
             _AsyncHiredisParser is not None
             and isinstance(parser, _AsyncHiredisParser)
-            # a real socket's reader (fakeredis has a parser, but its own reader)
-            and isinstance(getattr(connection, "_reader", None), asyncio.StreamReader)
-        )
-        self._parser: Any = parser if usable else None
+            # a real socket's stream (fakeredis has a parser, but its own reader)
+            and isinstance(stream, asyncio.StreamReader)
+            and writer is not None
+        ):
+            self._tap(parser, stream, writer.transport)
         #: Whether replies are read in bulk (else one by one, through redis-py).
-        self.bulk = usable
-        self._heard = time.monotonic()
-        self._pinged = False
-        self._error: Exception | None = None
+        self.bulk = self._parser is not None
 
-    async def read(self, wait: float, most: int) -> list[Reply]:
-        """The replies received so far, up to ``most``; waits ``wait`` seconds at most
-        for the first ([] if none came). Error replies are raised."""
-        if self._error is not None:
+    def _tap(self, parser: Any, stream: asyncio.StreamReader, transport: Any) -> None:
+        """Take the connection's incoming bytes from now on, and those its stream holds."""
+        inner = transport.get_protocol()
+        transport.set_protocol(_Tap(inner, self))
+        self._transport, self._parser = transport, parser
+        held = getattr(stream, "_buffer", None)
+        if held:
+            self._received(bytes(held))
+            held.clear()
+        if getattr(stream, "_paused", False):
+            stream._paused = False  # type: ignore[attr-defined]
+            transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._keepalive, self._check)
+
+    def close(self) -> None:
+        """Stop the keepalive (the connection itself is closed by its owner)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def read(self, most: int) -> list[Reply]:
+        """The replies received so far, up to ``most``; waits for the first (in bulk), or
+        at most :data:`POLL_INTERVAL` seconds (one by one: [] if none came). Error replies
+        are raised, as is the connection's loss."""
+        if self._parser is None:
+            return await self._read_one_by_one(most)
+        replies = self._take(most)
+        while not replies:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            replies = self._take(most)
+        return replies
+
+    async def run(self, sink: Callable[[list[Reply]], None], most: int) -> None:
+        """Hand the replies to ``sink`` as they arrive, up to ``most`` at a time, until the
+        connection fails (raised here, as by :meth:`read`). In bulk, ``sink`` is called
+        from the connection's protocol as the bytes come in, with no task woken between;
+        what it raises is logged, and the replies after it go on."""
+        if self._parser is None:
+            while True:
+                replies = await self._read_one_by_one(most)
+                if replies:
+                    sink(replies)
+        self._sink, self._most = sink, most
+        try:
+            self._hand_over()
+            while self._error is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
             error, self._error = self._error, None
             raise error
-        if self._parser is None:
-            return await self._read_one_by_one(wait, most)
+        finally:
+            self._sink = None
+
+    def _hand_over(self) -> None:
+        """Every complete reply received, to the sink."""
+        assert self._sink is not None
+        while True:
+            try:
+                replies = self._take(self._most)
+            except Exception as exc:  # an error reply: the subscription is unusable
+                self._fail(exc)
+                return
+            if not replies:
+                return
+            try:
+                self._sink(replies)
+            except Exception:
+                log.exception("unexpected error handling %d bus replies", len(replies))
+
+    def _take(self, most: int) -> list[Reply]:
         reader = self._parser._reader
         replies: list[Reply] = []
-        reply = reader.gets()
-        if reply is NOT_ENOUGH_DATA:
-            await self._wait_for_data(wait)
+        while len(replies) < most:
             reply = reader.gets()
-        while reply is not NOT_ENOUGH_DATA:
+            if reply is NOT_ENOUGH_DATA:
+                self._unread = 0
+                if self._paused:
+                    self._paused = False
+                    self._transport.resume_reading()
+                break
             if isinstance(reply, Exception):
                 if not replies:
                     raise reply
                 self._error = reply  # raised by the next read, after those before it
                 break
+            if isinstance(reply, list) and reply[0] in _MESSAGE:  # the bulk of them
+                replies.append(("message" if reply[0] == b"message" else "smessage",
+                                text(reply[1]), reply[2]))  # fmt: skip
+                continue
             replies.append(parsed := _reply(reply))
             if parsed[0] in ("unsubscribe", "sunsubscribe"):
                 self._settle(parsed[0], reply[1])
-            if len(replies) >= most:
-                break
-            reply = reader.gets()
-        if replies:
-            self._heard, self._pinged = time.monotonic(), False
         return replies
+
+    def _received(self, data: bytes) -> None:
+        self._parser._reader.feed(data)
+        self._heard = True
+        if self._sink is not None:
+            self._hand_over()
+            return
+        self._unread += len(data)
+        if self._unread > MAX_UNREAD and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def _lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._fail(redis.exceptions.ConnectionError(f"Redis closed the connection{reason}"))
+
+    def _fail(self, error: Exception) -> None:
+        """The connection is unusable: the waiting read (or the next) raises ``error``."""
+        if self._error is None:
+            self._error = error
+        self.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _check(self) -> None:
+        """The keepalive: a PING after ``keepalive`` seconds of silence, and the
+        connection called dead if ``answer_timeout`` seconds more bring nothing."""
+        loop = asyncio.get_running_loop()
+        if self._heard:
+            self._heard, self._pinged = False, False
+        elif not self._pinged:
+            self._pinged = True
+            self._transport.write(_PING)
+            self._timer = loop.call_later(self._answer_timeout, self._check)
+            return
+        else:
+            quiet = self._keepalive + self._answer_timeout
+            self._fail(redis.exceptions.ConnectionError(
+                f"no answer from Redis for {quiet:.0f}s, not even to PING"))  # fmt: skip
+            return
+        self._timer = loop.call_later(self._keepalive, self._check)
 
     def _settle(self, kind: str, channel: Any) -> None:
         """Keep redis-py's account of the subscriptions, as ``get_message`` would: a
@@ -110,30 +286,9 @@ class BulkReader:
             pending.remove(channel)
             channels.pop(channel, None)
 
-    async def _wait_for_data(self, wait: float) -> None:
-        """One socket read into the parser, or nothing after ``wait`` seconds (then a
-        keepalive is due, or the connection is dead)."""
-        try:
-            async with asyncio.timeout(wait):
-                await self._parser.read_from_socket()
-            return
-        except TimeoutError:
-            pass
-        quiet = time.monotonic() - self._heard
-        if self._pinged and quiet > self._keepalive + self._answer_timeout:
-            raise redis.exceptions.ConnectionError(
-                f"no answer from Redis for {quiet:.0f}s, not even to PING"
-            )
-        if not self._pinged and quiet > self._keepalive:
-            self._pinged = True
-            connection = self._pubsub.connection
-            if connection is None:
-                raise redis.exceptions.ConnectionError("the subscription's connection is gone")
-            await connection.send_command("PING")
-
-    async def _read_one_by_one(self, wait: float, most: int) -> list[Reply]:
+    async def _read_one_by_one(self, most: int) -> list[Reply]:
         replies: list[Reply] = []
-        message = await self._pubsub.get_message(timeout=wait)
+        message = await self._pubsub.get_message(timeout=POLL_INTERVAL)
         while message is not None:
             channel = message["channel"]
             replies.append((text(message["type"]), text(channel or b""), message["data"]))

@@ -19,7 +19,7 @@ from typing import Any
 import redis.exceptions
 
 from broker import connection, durable, keys, scripts
-from broker.connection import Connection, Mode
+from broker.connection import COMMAND_TIMEOUT, Connection, Mode
 from broker.errors import BrokerUnavailable, EventDecodeError, GatewayIdInUse
 from broker.events import (
     ChatMessage,
@@ -32,6 +32,7 @@ from broker.events import (
     encode_member,
     encode_private,
 )
+from broker.held import HeldScript
 from broker.sharded import ShardedSubscription
 from broker.subscription import BusSubscription, SplitSubscription, Subscription
 from broker.translate import text, unavailable_on_error
@@ -129,6 +130,12 @@ def _gateway_record(gateway: str, instance: str, address: str, started: float, t
     )
 
 
+def _room_args(room: str) -> tuple[int, int, str]:
+    """The arguments every room script takes first: the streams' lengths, and whether the
+    room stays when empty (the default room does)."""
+    return keys.STREAM_MAXLEN, keys.SAID_MAXLEN, "1" if room == DEFAULT_ROOM_KEY else "0"
+
+
 class RedisBroker:
     """Rooms, presence and liveness on Redis: one server, a primary watched by Sentinel, or
     a Redis Cluster (or the embedded fakeredis), the same scripts and keys on each."""
@@ -147,6 +154,12 @@ class RedisBroker:
             name: (self._bus if name in ONCE_ONLY else self._commands).register_script(source)
             for name, source in scripts.sources(sharded).items()
         }
+        #: One server: publishing, the hot path, runs on a connection held for it.
+        self._publish = (
+            HeldScript(self._scripts["publish"], self._bus, COMMAND_TIMEOUT)
+            if self.mode is Mode.STANDALONE
+            else None
+        )
 
     # -- construction --------------------------------------------------------------------
 
@@ -169,6 +182,9 @@ class RedisBroker:
 
     async def close(self) -> None:
         """Close both connection pools (safe to call twice)."""
+        if self._publish is not None:
+            with suppress(redis.exceptions.RedisError, OSError):
+                await self._publish.aclose()
         for client in (self._bus, self._commands, self._connection.replica):
             if client is None:
                 continue
@@ -183,11 +199,8 @@ class RedisBroker:
     async def _room(
         self, name: str, room: str, args: Sequence[Any], extra_keys: Sequence[str] = ()
     ) -> Any:
-        permanent = "1" if room == DEFAULT_ROOM_KEY else "0"
         return await self._run(
-            name,
-            [*keys.room(room).scripts_keys(), *extra_keys],
-            [keys.STREAM_MAXLEN, keys.SAID_MAXLEN, permanent, *args],
+            name, [*keys.room(room).scripts_keys(), *extra_keys], [*_room_args(room), *args]
         )
 
     async def _run(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
@@ -212,7 +225,13 @@ class RedisBroker:
         step; chat messages (``said``) are kept for history too. Returns their stream ids
         (none if the room has gone: nobody is there)."""
         flag = "1" if said else "0"
-        return [text(i) for i in await self._room("publish", room, [flag, *bodies])]
+        if self._publish is None:
+            return [text(i) for i in await self._room("publish", room, [flag, *bodies])]
+        with unavailable_on_error("publish"):
+            ids = await self._publish(
+                keys.room(room).scripts_keys(), (*_room_args(room), flag), bodies
+            )
+        return [text(i) for i in ids]
 
     async def enter(self, room: str, shown: str, members: Sequence[Member]) -> Entered:
         """Make ``members`` members of ``room`` (created, named ``shown``, if new), each

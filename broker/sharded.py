@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import suppress
 from typing import Any
 
@@ -41,7 +41,6 @@ from broker.errors import BrokerUnavailable
 from broker.subscription import (
     CONFIRM_TIMEOUT,
     MAX_BATCH,
-    POLL_INTERVAL,
     Delivery,
     Resubscribed,
     decode_message,
@@ -176,6 +175,10 @@ class ShardedSubscription:
         with unavailable_on_teardown("unsubscribe"):
             await shard.unsubscribe(channel)
 
+    async def deliver_to(self, sink: Callable[[list[Delivery]], None]) -> None:
+        async for batch in self.batches():
+            sink(batch)
+
     async def batches(self) -> AsyncIterator[list[Delivery]]:
         """The events received from every node, in arrival order per node, each batch what
         has arrived so far; :class:`Resubscribed` markers where rooms were subscribed again."""
@@ -254,11 +257,11 @@ class ShardedSubscription:
 
     async def _read(self, shard: _Shard) -> None:
         """Hand over what ``shard`` receives; on a broken link, its channels are lost."""
+        reader = BulkReader(shard.pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
         try:
-            reader = BulkReader(shard.pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
             while True:
                 try:
-                    replies = await reader.read(POLL_INTERVAL, MAX_BATCH)
+                    replies = await reader.read(MAX_BATCH)
                 except redis.exceptions.ResponseError as exc:
                     words = str(exc).split()
                     if words[:1] != ["MOVED"] or len(words) < 2 or not words[1].isdigit():
@@ -288,6 +291,8 @@ class ShardedSubscription:
                 log.warning("lost the bus subscription on %s (%s)", shard.name, reason)
                 shard.reader = None  # this task ends here; close() must not await it
                 self._lose(list(shard.channels), shard)
+        finally:
+            reader.close()
 
     def _receive(self, shard: _Shard, reply: Reply) -> None:
         kind, channel, _ = reply

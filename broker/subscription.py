@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,8 +28,6 @@ from broker.translate import unavailable_on_error, unavailable_on_teardown
 
 log = logging.getLogger(__name__)
 
-#: Seconds a subscription read waits before looping (and health-checking) again.
-POLL_INTERVAL = 1.0
 #: Messages taken from the connection in one go, at most: large enough to amortise a
 #: write per client over many messages, small enough to keep each pass short.
 MAX_BATCH = 512
@@ -57,6 +55,7 @@ class BusSubscription(Protocol):
     async def add(self, room: str) -> None: ...
     async def remove(self, room: str) -> None: ...
     def batches(self) -> AsyncIterator[list[Delivery]]: ...
+    async def deliver_to(self, sink: Callable[[list[Delivery]], None]) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -90,6 +89,7 @@ class Subscription:
         self._first = self._inbox if inbox else keys.gateway_anchor(gateway)
         self._confirming: dict[str, asyncio.Future[None]] = {}
         self._early: list[Reply] = []
+        self._reader: BulkReader | None = None
         #: Folded names of the rooms subscribed (or being subscribed) to.
         self.rooms: set[str] = set()
 
@@ -101,10 +101,10 @@ class Subscription:
         waiting = set(channels)
         with unavailable_on_error("subscribe"):
             await self._pubsub.subscribe(*channels)
-            reader = BulkReader(self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
+            reader = self._reader = BulkReader(self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 while waiting:
-                    for reply in await reader.read(POLL_INTERVAL, MAX_BATCH):
+                    for reply in await reader.read(MAX_BATCH):
                         if reply[0] == "subscribe":
                             waiting.discard(reply[1])
                         else:
@@ -136,18 +136,39 @@ class Subscription:
     async def batches(self) -> AsyncIterator[list[Delivery]]:
         """The events received, in arrival order, every batch what has arrived so far.
         Raises :class:`BrokerUnavailable` when the link breaks."""
+        reader = self._reader
+        assert reader is not None, "batches() before open()"
         if self._early:
             early, self._early = self._early, []
             yield self._decode(early)
-        reader = BulkReader(self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
         while True:
             with unavailable_on_error("subscription"):
-                replies = await reader.read(POLL_INTERVAL, MAX_BATCH)
+                replies = await reader.read(MAX_BATCH)
             batch = self._decode(replies)
             if batch:
                 yield batch
 
+    async def deliver_to(self, sink: Callable[[list[Delivery]], None]) -> None:
+        """Hand ``sink`` every batch of events as it arrives, in arrival order, until the
+        link breaks (:class:`BrokerUnavailable`). In bulk, ``sink`` runs as the bytes come
+        in: no task is woken per message."""
+        reader = self._reader
+        assert reader is not None, "deliver_to() before open()"
+        if self._early:
+            early, self._early = self._early, []
+            if batch := self._decode(early):
+                sink(batch)
+
+        def take(replies: list[Reply]) -> None:
+            if batch := self._decode(replies):
+                sink(batch)
+
+        with unavailable_on_error("subscription"):
+            await reader.run(take, MAX_BATCH)
+
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         with suppress(redis.exceptions.RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -188,6 +209,10 @@ class SplitSubscription:
 
     async def remove(self, room: str) -> None:
         await self._rooms.remove(room)
+
+    async def deliver_to(self, sink: Callable[[list[Delivery]], None]) -> None:
+        async for batch in self.batches():
+            sink(batch)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
         """Both connections' batches as they come."""

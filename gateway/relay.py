@@ -109,8 +109,7 @@ class Relay:
                     self._live.set()
                     self._service_up()
                     delay = RETRY_MIN
-                    async for batch in subscription.batches():
-                        self._deliver(batch)
+                    await subscription.deliver_to(self._deliver)
             except BrokerUnavailable as exc:
                 self._counts.redis_errors += 1
                 log.warning("bus subscription lost (%s); retrying in %.1fs", exc, delay)
