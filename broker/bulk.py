@@ -188,20 +188,25 @@ class BulkReader:
             self._sink = None
 
     def _hand_over(self) -> None:
-        """Every complete reply received, to the sink."""
+        """Every complete reply received, to the sink; an error reply ends :meth:`run`
+        once those before it are handed over."""
         assert self._sink is not None
         while True:
             try:
                 replies = self._take(self._most)
-            except Exception as exc:  # an error reply: the subscription is unusable
+            except Exception as exc:  # an error reply first: the subscription is unusable
                 self._fail(exc)
+                return
+            if replies:
+                try:
+                    self._sink(replies)
+                except Exception:
+                    log.exception("unexpected error handling %d bus replies", len(replies))
+            if self._error is not None:  # an error reply came after these
+                self._wake()
                 return
             if not replies:
                 return
-            try:
-                self._sink(replies)
-            except Exception:
-                log.exception("unexpected error handling %d bus replies", len(replies))
 
     def _take(self, most: int) -> list[Reply]:
         reader = self._parser._reader

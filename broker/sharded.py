@@ -176,6 +176,7 @@ class ShardedSubscription:
             await shard.unsubscribe(channel)
 
     async def deliver_to(self, sink: Callable[[list[Delivery]], None]) -> None:
+        """Hand ``sink`` each batch of :meth:`batches` (every node) as it comes."""
         async for batch in self.batches():
             sink(batch)
 

@@ -211,6 +211,7 @@ class SplitSubscription:
         await self._rooms.remove(room)
 
     async def deliver_to(self, sink: Callable[[list[Delivery]], None]) -> None:
+        """Hand ``sink`` each batch of :meth:`batches` (both connections) as it comes."""
         async for batch in self.batches():
             sink(batch)
 

@@ -188,3 +188,20 @@ async def test_a_failing_sink_is_logged_and_the_replies_after_it_still_come(
         with pytest.raises(asyncio.CancelledError):
             await running
         reader.close()
+
+
+async def test_run_ends_with_an_error_reply_after_handing_over_those_before_it(
+    subscribed: aioredis.client.PubSub,
+) -> None:
+    reader = BulkReader(subscribed, keepalive=30, answer_timeout=5)
+    got: list[Reply] = []
+    running = asyncio.create_task(reader.run(got.extend, 512))
+    assert subscribed.connection is not None
+    await subscribed.connection.send_packed_command(
+        subscribed.connection.pack_commands([("PING",), ("NO-SUCH-COMMAND",)])
+    )
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        async with asyncio.timeout(T):
+            await running
+    assert got[-1] == ("pong", "", None)
+    assert ("subscribe", CHANNEL, 1) in got
