@@ -5,8 +5,9 @@ redis-py's ``PubSub.get_message`` costs some 30 µs a message (timeouts, health 
 a dict per message, on each call), and even reading its connection's stream directly
 wakes a chain of futures, a timeout and a stream read for every socket read. A gateway's
 subscription is woken by nearly every message it carries, so this takes the connection's
-incoming bytes straight from the transport instead: a small protocol in front of redis-py's
-feeds them to the connection's own hiredis reader and wakes the one waiting reader. Once
+incoming bytes straight from the transport instead (:mod:`broker.tap`), feeds them to the
+connection's own hiredis reader, and hands the replies to the relay there and then (or
+wakes the one waiting reader). Once
 subscribed, the connection only ever brings pub/sub replies, and redis-py never reads it
 again. A timer sends a keepalive ``PING`` when the connection has been quiet for a while,
 and calls the connection dead when even that gets no answer.
@@ -25,12 +26,8 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio.client import PubSub
 
+from broker.tap import NOT_ENOUGH_DATA, tap
 from broker.translate import text
-
-try:  # redis-py's hiredis parser, whose reader this feeds
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
-except ImportError:  # pragma: no cover - an older or newer layout: use get_message
-    NOT_ENOUGH_DATA, _AsyncHiredisParser = None, None  # type: ignore[assignment, misc]
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +56,6 @@ def _reply(reply: Any) -> Reply:
     return "reply", "", reply
 
 
-class _Tap(asyncio.Protocol):
-    """In front of redis-py's protocol on a subscribed connection: takes the incoming
-    bytes, hands every other event on (so that closing the connection works as before)."""
-
-    def __init__(self, inner: asyncio.Protocol, reader: BulkReader) -> None:
-        self.inner = inner
-        self._reader = reader
-
-    def data_received(self, data: bytes) -> None:
-        self._reader._received(data)
-
-    def eof_received(self) -> bool | None:
-        self._reader._lost(None)
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._reader._lost(exc)
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
 class BulkReader:
     """The replies arriving on ``pubsub``'s connection (subscribed already). One reader per
     connection; :meth:`close` it when done with the connection."""
@@ -107,36 +78,14 @@ class BulkReader:
         self._pinged = False
         self._timer: asyncio.TimerHandle | None = None
         self._transport: Any = None
-        self._parser: Any = None
-        connection = pubsub.connection
-        parser = getattr(connection, "_parser", None)
-        stream = getattr(connection, "_reader", None)
-        writer = getattr(connection, "_writer", None)
-        if (
-            _AsyncHiredisParser is not None
-            and isinstance(parser, _AsyncHiredisParser)
-            # a real socket's stream (fakeredis has a parser, but its own reader)
-            and isinstance(stream, asyncio.StreamReader)
-            and writer is not None
-        ):
-            self._tap(parser, stream, writer.transport)
+        #: The connection's hiredis reader, once tapped (else None: read one by one).
+        self._reader: Any = None
+        tapped = tap(pubsub.connection, self._received, self._lost)
+        if tapped is not None:
+            self._transport, self._reader = tapped.transport, tapped.reader
+            self._timer = asyncio.get_running_loop().call_later(self._keepalive, self._check)
         #: Whether replies are read in bulk (else one by one, through redis-py).
-        self.bulk = self._parser is not None
-
-    def _tap(self, parser: Any, stream: asyncio.StreamReader, transport: Any) -> None:
-        """Take the connection's incoming bytes from now on, and those its stream holds."""
-        inner = transport.get_protocol()
-        transport.set_protocol(_Tap(inner, self))
-        self._transport, self._parser = transport, parser
-        held = getattr(stream, "_buffer", None)
-        if held:
-            self._received(bytes(held))
-            held.clear()
-        if getattr(stream, "_paused", False):
-            stream._paused = False  # type: ignore[attr-defined]
-            transport.resume_reading()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._keepalive, self._check)
+        self.bulk = self._reader is not None
 
     def close(self) -> None:
         """Stop the keepalive (the connection itself is closed by its owner)."""
@@ -148,7 +97,7 @@ class BulkReader:
         """The replies received so far, up to ``most``; waits for the first (in bulk), or
         at most :data:`POLL_INTERVAL` seconds (one by one: [] if none came). Error replies
         are raised, as is the connection's loss."""
-        if self._parser is None:
+        if self._reader is None:
             return await self._read_one_by_one(most)
         replies = self._take(most)
         while not replies:
@@ -168,7 +117,7 @@ class BulkReader:
         connection fails (raised here, as by :meth:`read`). In bulk, ``sink`` is called
         from the connection's protocol as the bytes come in, with no task woken between;
         what it raises is logged, and the replies after it go on."""
-        if self._parser is None:
+        if self._reader is None:
             while True:
                 replies = await self._read_one_by_one(most)
                 if replies:
@@ -209,7 +158,7 @@ class BulkReader:
                 return
 
     def _take(self, most: int) -> list[Reply]:
-        reader = self._parser._reader
+        reader = self._reader
         replies: list[Reply] = []
         while len(replies) < most:
             reply = reader.gets()
@@ -234,7 +183,7 @@ class BulkReader:
         return replies
 
     def _received(self, data: bytes) -> None:
-        self._parser._reader.feed(data)
+        self._reader.feed(data)
         self._heard = True
         if self._sink is not None:
             self._hand_over()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
+from redis.utils import HIREDIS_AVAILABLE
 
 from broker import connection, durable, keys, scripts
 from broker.connection import COMMAND_TIMEOUT, Connection, Mode
@@ -154,10 +155,11 @@ class RedisBroker:
             name: (self._bus if name in ONCE_ONLY else self._commands).register_script(source)
             for name, source in scripts.sources(sharded).items()
         }
-        #: One server: publishing, the hot path, runs on a connection held for it.
+        #: One server: publishing, the hot path, runs on a connection held for it (read
+        #: through hiredis, a dependency; without it, through the client).
         self._publish = (
             HeldScript(self._scripts["publish"], self._bus, COMMAND_TIMEOUT)
-            if self.mode is Mode.STANDALONE
+            if self.mode is Mode.STANDALONE and HIREDIS_AVAILABLE
             else None
         )
 
