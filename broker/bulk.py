@@ -83,7 +83,8 @@ class BulkReader:
         tapped = tap(pubsub.connection, self._received, self._lost)
         if tapped is not None:
             self._transport, self._reader = tapped.transport, tapped.reader
-            self._timer = asyncio.get_running_loop().call_later(self._keepalive, self._check)
+            if self._error is None:  # not closed already
+                self._timer = asyncio.get_running_loop().call_later(self._keepalive, self._check)
         #: Whether replies are read in bulk (else one by one, through redis-py).
         self.bulk = self._reader is not None
 

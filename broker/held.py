@@ -95,6 +95,7 @@ class HeldScript:
 
     async def aclose(self) -> None:
         """Close the connection and give it back to its pool."""
+        self._link = None
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.disconnect(nowait=True)

@@ -91,4 +91,6 @@ def tap(
     if getattr(stream, "_paused", False):  # it had stopped reading: it is ours to resume
         stream._paused = False  # type: ignore[attr-defined]
         transport.resume_reading()
+    if stream.at_eof():  # the server had closed it already
+        lost(None)
     return tapped
