@@ -60,10 +60,13 @@ class BulkReader:
     """The replies arriving on ``pubsub``'s connection (subscribed already). One reader per
     connection; :meth:`close` it when done with the connection."""
 
-    def __init__(self, pubsub: PubSub, keepalive: float, answer_timeout: float) -> None:
+    def __init__(
+        self, pubsub: PubSub, keepalive: float, answer_timeout: float, tapped: bool = True
+    ) -> None:
         """``keepalive``: seconds of silence after which a ``PING`` is sent;
         ``answer_timeout``: seconds after that with still nothing received before the
-        connection is called dead (:class:`redis.exceptions.ConnectionError`)."""
+        connection is called dead (:class:`redis.exceptions.ConnectionError`). Without
+        ``tapped``, replies are read one by one through redis-py."""
         self._pubsub = pubsub
         self._keepalive = keepalive
         self._answer_timeout = answer_timeout
@@ -80,9 +83,9 @@ class BulkReader:
         self._transport: Any = None
         #: The connection's hiredis reader, once tapped (else None: read one by one).
         self._reader: Any = None
-        tapped = tap(pubsub.connection, self._received, self._lost)
-        if tapped is not None:
-            self._transport, self._reader = tapped.transport, tapped.reader
+        taken = tap(pubsub.connection, self._received, self._lost) if tapped else None
+        if taken is not None:
+            self._transport, self._reader = taken.transport, taken.reader
             if self._error is None:  # not closed already
                 self._timer = asyncio.get_running_loop().call_later(self._keepalive, self._check)
         #: Whether replies are read in bulk (else one by one, through redis-py).
@@ -175,8 +178,8 @@ class BulkReader:
                 self._error = reply  # raised by the next read, after those before it
                 break
             if isinstance(reply, list) and reply[0] in _MESSAGE:  # the bulk of them
-                replies.append(("message" if reply[0] == b"message" else "smessage",
-                                text(reply[1]), reply[2]))  # fmt: skip
+                kind = "message" if reply[0] == b"message" else "smessage"
+                replies.append((kind, text(reply[1]), reply[2]))
                 continue
             replies.append(parsed := _reply(reply))
             if parsed[0] in ("unsubscribe", "sunsubscribe"):
@@ -212,8 +215,9 @@ class BulkReader:
             waiter.set_result(None)
 
     def _check(self) -> None:
-        """The keepalive: a PING after ``keepalive`` seconds of silence, and the
-        connection called dead if ``answer_timeout`` seconds more bring nothing."""
+        """The keepalive, every ``keepalive`` seconds: a PING once a whole period has
+        passed in silence, and the connection called dead if ``answer_timeout`` seconds
+        more bring nothing."""
         loop = asyncio.get_running_loop()
         if self._heard:
             self._heard, self._pinged = False, False

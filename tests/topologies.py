@@ -567,6 +567,13 @@ class SentinelFixture:
             and replication.get("master_port") == self.primary.port
         )
 
+    async def _acknowledged(self) -> bool:
+        """Whether a write to the primary is acknowledged by a replica within 0.2 s, as
+        ``WAIT 1`` counts it."""
+        async with self.primary.client() as r:
+            await r.set("test:acknowledged", "1")
+            return bool(await r.wait(1, 200) >= 1)
+
     async def start(self) -> None:
         """Start the primary, the replica and the Sentinels; wait until the replica is in sync
         and every Sentinel knows the replica and the two other Sentinels, so that a failover
@@ -632,6 +639,10 @@ class SentinelFixture:
         await self.replica.start()
         what = "the old primary rejoined"
         await poll(lambda: self._link_up(self.replica), timeout, what, self.nodes)
+        # In sync by its own account is not yet acknowledged by the primary: a write that
+        # waits for a replica (a login's claim) could still time out.
+        what = "the new primary counts the old one as an acknowledging replica"
+        await poll(self._acknowledged, timeout, what, self.nodes)
 
     async def return_old_primary_unconverted(self, timeout: float = 2 * T) -> None:
         """Start the killed primary again and return while every Sentinel lists it as a
