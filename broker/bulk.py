@@ -7,10 +7,10 @@ wakes a chain of futures, a timeout and a stream read for every socket read. A g
 subscription is woken by nearly every message it carries, so this takes the connection's
 incoming bytes straight from the transport instead (:mod:`broker.tap`), feeds them to the
 connection's own hiredis reader, and hands the replies to the relay there and then (or
-wakes the one waiting reader). Once
-subscribed, the connection only ever brings pub/sub replies, and redis-py never reads it
-again. A timer sends a keepalive ``PING`` when the connection has been quiet for a while,
-and calls the connection dead when even that gets no answer.
+wakes the one waiting reader). Once subscribed, the connection only ever brings pub/sub
+replies, and redis-py never reads it again. A timer sends a keepalive ``PING`` when the
+connection has been quiet for a while, and calls the connection dead when even that gets
+no answer.
 
 Where the connection has no hiredis parser (hiredis missing, or the embedded fakeredis),
 it falls back to ``get_message``; the replies look the same either way.
@@ -108,11 +108,7 @@ class BulkReader:
             if self._error is not None:
                 error, self._error = self._error, None
                 raise error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
             replies = self._take(most)
         return replies
 
@@ -130,11 +126,7 @@ class BulkReader:
         try:
             self._hand_over()
             while self._error is None:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+                await self._wait()
             error, self._error = self._error, None
             raise error
         finally:
@@ -158,7 +150,7 @@ class BulkReader:
             if self._error is not None:  # an error reply came after these
                 self._wake()
                 return
-            if not replies:
+            if len(replies) < self._most:  # all that had come
                 return
 
     def _take(self, most: int) -> list[Reply]:
@@ -208,6 +200,14 @@ class BulkReader:
             self._error = error
         self.close()
         self._wake()
+
+    async def _wait(self) -> None:
+        """Until :meth:`_wake`: bytes came, or the connection failed."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -161,15 +161,13 @@ class Subscription:
         in: no task is woken per message."""
         reader = self._reader
         assert reader is not None, "deliver_to() before open()"
-        if self._early:
-            early, self._early = self._early, []
-            if batch := self._decode(early):
-                sink(batch)
 
         def take(replies: list[Reply]) -> None:
             if batch := self._decode(replies):
                 sink(batch)
 
+        early, self._early = self._early, []
+        take(early)
         with unavailable_on_error("subscription"):
             await reader.run(take, MAX_BATCH)
 
