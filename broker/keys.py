@@ -20,6 +20,11 @@ key                                 type    meaning
                                             instance, started_ms, ttl_ms)
 ``{chat}:reaping``                  set     gateways found dead whose users' leaves are
                                             being announced (any gateway may finish the job)
+``{chat}:pulse``                    string  renewed by every heartbeat, expires after half a
+                                            liveness TTL without one: gone, nobody could
+                                            renew (Redis was away, or failed over)
+``{chat}:grace``                    string  set for one liveness TTL by a heartbeat that
+                                            finds the pulse gone: nobody is reaped meanwhile
 ``{chat}:gw:<id>:alive``            string  the gateway instance's token; expires unless
                                             renewed
 ``{chat}:gw:<id>:users``            set     folded names held by that gateway
@@ -50,6 +55,8 @@ ACTIVITY = PREFIX + "activity"
 EPOCH = PREFIX + "epoch"
 GATEWAYS = PREFIX + "gateways"
 REAPING = PREFIX + "reaping"
+PULSE = PREFIX + "pulse"
+GRACE = PREFIX + "grace"
 
 GATEWAY_PREFIX = PREFIX + "gw:"
 ALIVE_SUFFIX = ":alive"
@@ -58,7 +65,7 @@ INBOX_SUFFIX = ":inbox"
 ANCHOR_SUFFIX = ":anchor"
 
 #: Every global key, in the order the global scripts receive them as KEYS.
-GLOBAL_KEYS = (ONLINE, GATEWAYS, ACTIVITY, REAPING)
+GLOBAL_KEYS = (ONLINE, GATEWAYS, ACTIVITY, REAPING, PULSE, GRACE)
 #: The per-gateway key parts the global scripts build names from, as their first ARGV.
 GLOBAL_ARGS = (GATEWAY_PREFIX, ALIVE_SUFFIX, USERS_SUFFIX, INBOX_SUFFIX)
 

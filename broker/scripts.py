@@ -12,7 +12,7 @@ Every script touches the keys of one Redis Cluster slot: the **global** scripts 
 
 Calling conventions, shared so that the preludes can name things:
 
-* global: ``KEYS = [online, gateways, activity, reaping]``,
+* global: ``KEYS = [online, gateways, activity, reaping, pulse, grace]``,
   ``ARGV = [gateway key prefix, alive suffix, users suffix, inbox suffix, ...]``; per-gateway
   keys are built from that prefix and those suffixes (:mod:`broker.keys` supplies them);
 * room: ``KEYS = [stream, channel, members, name, said, ...]``,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 GLOBAL_PRELUDE = """
 local ONLINE, GATEWAYS, ACTIVITY, REAPING = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local PULSE, GRACE = KEYS[5], KEYS[6]
 local GW_PREFIX, ALIVE_SUFFIX, USERS_SUFFIX, INBOX_SUFFIX = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local function alive_key(gid) return GW_PREFIX .. gid .. ALIVE_SUFFIX end
@@ -38,6 +39,16 @@ local function registered_instance(gid)
   local rec = redis.call('HGET', GATEWAYS, gid)
   if not rec then return false end
   return cjson.decode(rec).instance
+end
+
+-- A gateway reached Redis: beat the service's pulse (see HEARTBEAT). If it had stopped
+-- (no gateway got through for half a TTL) while gateways are registered, open a grace of
+-- one TTL in which nobody is reaped.
+local function beat_pulse(ttl)
+  if redis.call('EXISTS', PULSE) == 0 and redis.call('HLEN', GATEWAYS) > 0 then
+    redis.call('SET', GRACE, '1', 'PX', ttl)
+  end
+  redis.call('SET', PULSE, '1', 'PX', math.floor(ttl / 2))
 end
 
 local function presence(name, gid, session, since, room)
@@ -190,6 +201,7 @@ REGISTER = """
 local gid, instance, record, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local current = redis.call('GET', alive_key(gid))
 if current and current ~= instance then return {0, 0} end
+beat_pulse(ttl)
 redis.call('SET', alive_key(gid), instance, 'PX', ttl)
 redis.call('HSET', GATEWAYS, gid, record)
 redis.call('SREM', REAPING, gid)
@@ -199,11 +211,19 @@ return {1, redis.call('SCARD', users_key(gid))}
 # ARGV[5..7]: gateway id, instance, liveness TTL (ms).
 # Returns 1 renewed | 0 registration lost (reaped, or Redis lost its data) | -1 the id now
 # belongs to another instance.
+#
+# Every renewal (and registration) also beats the service's pulse. One that finds the
+# pulse gone (no gateway got through for half a TTL: Redis was unreachable, frozen or
+# failing over) while gateways are registered opens a grace of one TTL in which nobody
+# is reaped: an outage lets every gateway's key lapse, and those still alive renew theirs
+# (a lapsed key is renewed while its gateway is registered) within the grace. Reaping a
+# peer that is merely late would announce its users as left, then as joined again.
 HEARTBEAT = """
 local gid, instance, ttl = ARGV[5], ARGV[6], ARGV[7]
 local current = redis.call('GET', alive_key(gid))
 if current == instance or (not current and registered_instance(gid) == instance) then
   redis.call('SET', alive_key(gid), instance, 'PX', ttl)
+  beat_pulse(ttl)
   return 1
 end
 if current then return -1 end
@@ -211,13 +231,16 @@ return 0
 """
 
 # Every registered gateway whose liveness key has expired is forgotten and queued for
-# eviction. Returns every gateway still queued (this call's and any earlier reaper's that
-# did not finish): whoever calls evicts their users.
+# eviction, unless an outage's grace is on (see HEARTBEAT). Returns every gateway still
+# queued (this call's and any earlier reaper's that did not finish): whoever calls evicts
+# their users.
 REAP = """
-for _, gid in ipairs(redis.call('HKEYS', GATEWAYS)) do
-  if redis.call('EXISTS', alive_key(gid)) == 0 then
-    redis.call('HDEL', GATEWAYS, gid)
-    redis.call('SADD', REAPING, gid)
+if redis.call('EXISTS', GRACE) == 0 then
+  for _, gid in ipairs(redis.call('HKEYS', GATEWAYS)) do
+    if redis.call('EXISTS', alive_key(gid)) == 0 then
+      redis.call('HDEL', GATEWAYS, gid)
+      redis.call('SADD', REAPING, gid)
+    end
   end
 end
 return redis.call('SMEMBERS', REAPING)
@@ -311,6 +334,7 @@ local gid, instance, record, ttl = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if redis.call('SISMEMBER', REAPING, gid) == 1 then return {-2} end
 local current = redis.call('GET', alive_key(gid))
 if current and current ~= instance then return {-1} end
+beat_pulse(ttl)
 redis.call('SET', alive_key(gid), instance, 'PX', ttl)
 redis.call('HSET', GATEWAYS, gid, record)
 local result = {1}

@@ -149,7 +149,8 @@ class GatewayConfig:
     #: Seconds between liveness renewals (and reaps of dead peers).
     heartbeat_interval: float = 1.0
     #: Seconds a gateway stays "live" without renewing. A SIGKILLed gateway's users are
-    #: announced as left at most ``liveness_ttl + heartbeat_interval`` after its death;
+    #: announced as left at most ``liveness_ttl + heartbeat_interval`` after its death
+    #: (one ``liveness_ttl`` more if Redis was unreachable meanwhile: broker.scripts);
     #: five missed renewals are needed before a merely busy gateway is declared dead.
     liveness_ttl: float = 5.0
     #: Seconds a SIGTERM drain gives Redis to take the last messages and the leaves; the

@@ -634,6 +634,65 @@ async def test_heartbeat_after_expiry_but_before_reap_restores_liveness(
     assert [p.name for p in await broker.online()] == ["Alice"]
 
 
+async def outage(broker: RedisBroker, *gids: str) -> None:
+    """What an outage longer than the liveness TTL leaves behind: nobody's heartbeat got
+    through, so the pulse and every gateway's liveness key ran out."""
+    await broker._commands.delete(keys.PULSE)
+    for gid in gids:
+        await expire(broker, gid)
+
+
+async def test_after_an_outage_nobody_is_reaped_until_the_peers_could_renew(
+    broker: RedisBroker,
+) -> None:
+    """The first heartbeat after an outage that let every liveness key lapse opens a grace
+    of one TTL: a peer whose key lapsed meanwhile is not reaped, and renews when its own
+    heartbeat gets through; a peer that never renews is reaped once the grace is over."""
+    for gid in ("first", "late", "dead"):
+        await register(broker, gid)
+    await login(broker, "Alice", "late", "s1")
+    await login(broker, "Dan", "dead", "s2")
+    assert await broker.heartbeat("first", "inst", TTL) is True
+    await outage(broker, "first", "late", "dead")
+    assert await broker.heartbeat("first", "inst", TTL) is True
+    assert await broker.reap_dead_gateways() == {}
+    assert 0 < await broker._commands.pttl(keys.GRACE) <= TTL * 1000
+    assert await broker.heartbeat("late", "inst", TTL) is True
+    await broker._commands.delete(keys.GRACE)  # the grace ran out
+    assert await broker.heartbeat("first", "inst", TTL) is True
+    assert await broker.reap_dead_gateways() == {"dead": 1}
+    assert [p.name for p in await broker.online()] == ["Alice"]
+
+
+async def test_a_heartbeat_while_the_pulse_beats_opens_no_grace(broker: RedisBroker) -> None:
+    """While heartbeats keep coming (and on a fresh Redis, which has nobody to spare), a
+    gateway whose key lapsed is reaped at once."""
+    await register(broker, "live")
+    await register(broker, "dead")
+    assert await broker.heartbeat("live", "inst", TTL) is True
+    await expire(broker, "dead")
+    assert await broker.heartbeat("live", "inst", TTL) is True
+    assert await broker._commands.exists(keys.GRACE) == 0
+    pulse = await broker._commands.pttl(keys.PULSE)
+    assert 0 < pulse <= TTL * 1000 / 2
+    assert await broker.reap_dead_gateways() == {"dead": 0}
+
+
+async def test_a_gateway_back_after_an_outage_opens_the_grace_too(broker: RedisBroker) -> None:
+    """A registration (a gateway restarted during the outage) or a restore that finds the
+    pulse gone opens the grace as a heartbeat does."""
+    await register(broker, "other")
+    await register(broker, "restarted", instance="A")
+    await outage(broker, "other", "restarted")
+    assert await register(broker, "restarted", instance="B") == 0
+    assert await broker._commands.exists(keys.GRACE) == 1
+    assert await broker.reap_dead_gateways() == {}
+    await broker._commands.delete(keys.GRACE, keys.PULSE)
+    await broker.deregister_gateway("restarted", "B")
+    assert await broker.restore_gateway("restarted", "B", "x:1", time.time(), TTL, []) == []
+    assert await broker._commands.exists(keys.GRACE) == 1
+
+
 async def test_heartbeat_is_false_after_deregistration(broker: RedisBroker) -> None:
     """heartbeat() after deregister_gateway() reports the registration lost."""
     await register(broker, "gw1", instance="A")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import pytest
+import redis.asyncio as aioredis
 
+from broker import keys
 from tests.conftest import Cluster
 from tests.support import GatewayProcess, RedisServer, T, TcpProxy, run_cli
+from tests.topologies import poll
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +57,76 @@ async def test_link_cut_loses_nothing(cluster: Cluster) -> None:
         assert any("replaying" in line for line in cut_gateway.log.lines)
     finally:
         await proxy.close()
+
+
+async def test_an_outage_longer_than_the_liveness_ttl_reaps_only_the_dead(
+    cluster: Cluster,
+) -> None:
+    """Every gateway loses Redis for longer than the liveness TTL, so every liveness key
+    lapses, and one gateway dies meanwhile. The links come back one at a time: the first
+    gateway back does not reap the others, which are merely late, so nobody is announced
+    as leaving or joining; the dead one's user is announced as left, once, after the grace
+    (one TTL)."""
+    redis = cluster.redis
+    assert isinstance(redis, RedisServer)
+    proxies = [TcpProxy(redis.port) for _ in range(3)]
+    for proxy in proxies:
+        await proxy.start()
+    gateways = [
+        GatewayProcess(f"gw-{n + 1}", proxy.url, "--rate-limit", "0")
+        for n, proxy in enumerate(proxies)
+    ]
+    cluster.gateways += gateways
+    await asyncio.gather(*(g.start() for g in gateways))
+    direct = aioredis.Redis.from_url(redis.url)
+    alive = [keys.gateway_alive(g.gateway_id) for g in gateways]
+    try:
+        alice = await cluster.user(0, "alice")
+        bob = await cluster.user(1, "bob")
+        await cluster.user(2, "dan")
+        for user in (alice, bob):
+            await user.expect("* dan joined the chat")
+
+        for proxy in proxies:
+            await proxy.cut()
+        gateways[2].signal(signal.SIGKILL)
+        assert await gateways[2].wait(T) == -signal.SIGKILL
+
+        async def lapsed() -> bool:
+            return not await direct.exists(*alive)
+
+        await poll(lapsed, 3 * T, "every liveness key lapsed")
+        await proxies[0].start()
+        last_ttl, renewals = 0, 0
+
+        async def renewed_twice() -> bool:
+            # A renewal resets the key's time to live. After the second one, the reap that
+            # followed the first is done.
+            nonlocal last_ttl, renewals
+            ttl = await direct.pttl(alive[0])
+            renewals += ttl > last_ttl
+            last_ttl = ttl
+            return renewals >= 2
+
+        await poll(renewed_twice, 3 * T, "gw-1 renewed its liveness twice", every=0.02)
+        await proxies[1].start()
+
+        async def late_one_renewed() -> bool:
+            return bool(await direct.exists(alive[1]))
+
+        await poll(late_one_renewed, 3 * T, "gw-2 renewed its liveness")
+        for user in (alice, bob):
+            lines = await user.expect("* dan left the chat", timeout=4 * T)
+            assert all(line in (DOWN, BACK, "* dan left the chat") for line in lines), lines
+        assert await who(cluster) == {"alice": "gw-1", "bob": "gw-2"}
+        await alice.send("after the outage")
+        for user in (alice, bob):
+            lines = await user.expect("alice: after the outage")
+            assert lines == ["alice: after the outage"]  # no second leave, no join
+    finally:
+        await direct.aclose()
+        for proxy in proxies:
+            await proxy.close()
 
 
 async def test_redis_restart_keeps_clients_and_refuses_to_pretend(cluster: Cluster) -> None:
