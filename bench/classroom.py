@@ -88,11 +88,14 @@ class ClassroomServer:
     def broadcast(self, data: bytes, skip: socket.socket | None = None) -> None:
         """``data`` to every client but ``skip``, one ``sendall`` each, under the lock."""
         with self._lock:
-            for conn in self._clients:
-                if conn is not skip:
-                    # A failed send is its own thread's to notice: it removes the client.
-                    with contextlib.suppress(OSError):
-                        conn.sendall(data)
+            self._send_locked(data, skip)
+
+    def _send_locked(self, data: bytes, skip: socket.socket | None) -> None:
+        for conn in self._clients:
+            if conn is not skip:
+                # A failed send is its own thread's to notice: it removes the client.
+                with contextlib.suppress(OSError):
+                    conn.sendall(data)
 
     def _serve_client(self, conn: socket.socket) -> None:
         buffer = b""
@@ -117,10 +120,12 @@ class ClassroomServer:
                         name = None
                         conn.sendall(notice_line(PROMPT))
                         continue
-                    with self._lock:  # the welcome first, then everyone's lines
+                    # The welcome first, then everyone's lines; the join is told in the
+                    # same step, so that whoever logs in next never hears of it.
+                    with self._lock:
                         self._clients[conn] = name
                         conn.sendall(notice_line(welcome_text(name, len(self._clients))))
-                    self.broadcast(notice_line(joined_text(name)), skip=conn)
+                        self._send_locked(notice_line(joined_text(name)), skip=conn)
                 out: list[bytes] = []
                 for text in texts:
                     if text.strip().lower() in QUIT_WORDS:

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,40 @@ def test_the_classroom_server_relays_to_everyone_with_echo_and_notices(
     finally:
         ana.sock.close()
         bruno.sock.close()
+
+
+class PreemptedLock:
+    """A lock whose holder loses the CPU right after releasing it, as a thread may."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        time.sleep(0.05)
+
+
+def test_who_logs_in_next_never_hears_of_the_previous_join() -> None:
+    """A join is told to those already in, in the step that admits the newcomer: one who
+    logs in just after never gets it, however the threads are scheduled."""
+    server = ClassroomServer("127.0.0.1", 0)
+    server._lock = PreemptedLock()  # type: ignore[assignment]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ana, bruno = LineSocket(server.address), LineSocket(server.address)
+    try:
+        ana.login("ana")
+        bruno.login("bruno")
+        bruno.send("oi")
+        assert bruno.line() == "bruno: oi"
+    finally:
+        ana.sock.close()
+        bruno.sock.close()
+        server.close()
+        thread.join(T)
 
 
 def test_a_client_that_drops_is_announced_as_leaving(classroom: tuple[str, int]) -> None:
