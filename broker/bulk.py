@@ -60,13 +60,10 @@ class BulkReader:
     """The replies arriving on ``pubsub``'s connection (subscribed already). One reader per
     connection; :meth:`close` it when done with the connection."""
 
-    def __init__(
-        self, pubsub: PubSub, keepalive: float, answer_timeout: float, tapped: bool = True
-    ) -> None:
+    def __init__(self, pubsub: PubSub, keepalive: float, answer_timeout: float) -> None:
         """``keepalive``: seconds of silence after which a ``PING`` is sent;
         ``answer_timeout``: seconds after that with still nothing received before the
-        connection is called dead (:class:`redis.exceptions.ConnectionError`). Without
-        ``tapped``, replies are read one by one through redis-py."""
+        connection is called dead (:class:`redis.exceptions.ConnectionError`)."""
         self._pubsub = pubsub
         self._keepalive = keepalive
         self._answer_timeout = answer_timeout
@@ -83,7 +80,7 @@ class BulkReader:
         self._transport: Any = None
         #: The connection's hiredis reader, once tapped (else None: read one by one).
         self._reader: Any = None
-        taken = tap(pubsub.connection, self._received, self._lost) if tapped else None
+        taken = tap(pubsub.connection, self._received, self._lost)
         if taken is not None:
             self._transport, self._reader = taken.transport, taken.reader
             if self._error is None:  # not closed already

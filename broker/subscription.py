@@ -79,16 +79,11 @@ def decode_message(channel: str, data: bytes | str, inbox: str) -> Delivery | No
 class Subscription:
     """The inbox of one gateway plus the rooms it hosts, on one connection."""
 
-    def __init__(
-        self, pubsub: PubSub, gateway: str, inbox: bool = True, tapped: bool = True
-    ) -> None:
+    def __init__(self, pubsub: PubSub, gateway: str, inbox: bool = True) -> None:
         """Without ``inbox``, the rooms only: the connection is then held subscribed by an
         anchor channel that nothing is published on. redis-py sends a health-check PING
         and reads its answer itself when it sends a command on a pub/sub connection with
-        no subscription left, racing the reader of :meth:`batches` for the socket.
-        Without ``tapped``, replies are read one by one through redis-py (see
-        :class:`SplitSubscription`)."""
-        self._tapped = tapped
+        no subscription left, racing the reader of :meth:`batches` for the socket."""
         self._pubsub = pubsub
         self._inbox = keys.gateway_inbox(gateway)
         self._first = self._inbox if inbox else keys.gateway_anchor(gateway)
@@ -106,9 +101,7 @@ class Subscription:
         waiting = set(channels)
         with unavailable_on_error("subscribe"):
             await self._pubsub.subscribe(*channels)
-            reader = self._reader = BulkReader(
-                self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT, self._tapped
-            )
+            reader = self._reader = BulkReader(self._pubsub, HEALTH_CHECK_INTERVAL, COMMAND_TIMEOUT)
             async with asyncio.timeout(CONFIRM_TIMEOUT):
                 while waiting:
                     for reply in await reader.read(MAX_BATCH):
@@ -201,11 +194,8 @@ class SplitSubscription:
     """
 
     def __init__(self, rooms: PubSub, inbox: PubSub, gateway: str) -> None:
-        # Read through redis-py: under failovers (a replica turned primary, an old primary
-        # back as a replica) the tapped connections lost users' presence in one test run
-        # out of five, which reading through redis-py never did.
-        self._rooms = Subscription(rooms, gateway, inbox=False, tapped=False)
-        self._inbox = Subscription(inbox, gateway, tapped=False)
+        self._rooms = Subscription(rooms, gateway, inbox=False)
+        self._inbox = Subscription(inbox, gateway)
         #: Folded names of the rooms subscribed (or being subscribed) to.
         self.rooms = self._rooms.rooms
 
