@@ -20,11 +20,13 @@ key                                 type    meaning
                                             instance, started_ms, ttl_ms)
 ``{chat}:reaping``                  set     gateways found dead whose users' leaves are
                                             being announced (any gateway may finish the job)
-``{chat}:pulse``                    string  renewed by every heartbeat, expires after half a
-                                            liveness TTL without one: gone, nobody could
-                                            renew (Redis was away, or failed over)
-``{chat}:grace``                    string  set for one liveness TTL by a heartbeat that
-                                            finds the pulse gone: nobody is reaped meanwhile
+``{chat}:pulse``                    string  renewed by every registration and heartbeat;
+                                            lapses after half a liveness TTL without one
+                                            (nobody reached Redis: it was away, or failing
+                                            over)
+``{chat}:grace``                    string  set for one liveness TTL by a renewal that finds
+                                            the pulse gone while gateways are registered:
+                                            nobody is reaped meanwhile
 ``{chat}:gw:<id>:alive``            string  the gateway instance's token; expires unless
                                             renewed
 ``{chat}:gw:<id>:users``            set     folded names held by that gateway

@@ -48,7 +48,7 @@ local function beat_pulse(ttl)
   if redis.call('EXISTS', PULSE) == 0 and redis.call('HLEN', GATEWAYS) > 0 then
     redis.call('SET', GRACE, '1', 'PX', ttl)
   end
-  redis.call('SET', PULSE, '1', 'PX', math.floor(ttl / 2))
+  redis.call('SET', PULSE, '1', 'PX', math.max(1, math.floor(ttl / 2)))
 end
 
 local function presence(name, gid, session, since, room)
