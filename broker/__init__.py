@@ -13,6 +13,7 @@ from broker.errors import BrokerError, BrokerUnavailable, EventDecodeError, Gate
 from broker.events import (
     Announcement,
     ChatMessage,
+    ChatRun,
     InboxEvent,
     PrivateDelivery,
     RoomEvent,
@@ -47,6 +48,7 @@ __all__ = [
     "BrokerUnavailable",
     "BusSubscription",
     "ChatMessage",
+    "ChatRun",
     "Claim",
     "Delivery",
     "Entered",

@@ -13,6 +13,12 @@ recipient is sent it (names hold no ``:`` and no space, lines no line break), so
 gateways fan it out as it comes, without decoding and encoding it again. (Chat messages
 in JSON, as earlier versions wrote them, are still read.)
 
+Chat messages published in one step (a gateway sends what its users typed meanwhile in
+one script call) travel as one bus message, a **run**: ``<id>,<id>,... m LINE\nLINE...``,
+their stream ids in order, comma-separated, then their lines in the same order, so a
+gateway writes the whole run to each member as it comes, with no work per message. In the
+streams each message is still its own entry. A single message is the run of one.
+
 **Inbox events** go to one gateway's inbox channel only (a private message for one of its
 users, an operator's kick); they are not kept.
 
@@ -53,6 +59,36 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class ChatRun:
+    """Chat messages that follow each other in a room's stream, as one bus message
+    carried them: their stream ids in order, and their lines, each ending in a newline,
+    exactly as every recipient is sent them."""
+
+    ids: tuple[str, ...]
+    lines: bytes = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        """The last message's stream id: delivering the run delivers up to it."""
+        return self.ids[-1]
+
+    def messages(self) -> list[ChatMessage]:
+        """The run, message by message."""
+        texts = self.lines.decode().split("\n")
+        return [
+            ChatMessage(event_id, *_split_line(event_id, line), line.encode() + b"\n")
+            for event_id, line in zip(self.ids, texts, strict=False)
+        ]
+
+    def after(self, last: tuple[int, int]) -> ChatRun | None:
+        """What of the run follows stream position ``last`` (None: nothing)."""
+        kept = [m for m in self.messages() if stream_id_key(m.id) > last]
+        if not kept:
+            return None
+        return ChatRun(tuple(m.id for m in kept), b"".join(m.line for m in kept))
+
+
+@dataclass(frozen=True, slots=True)
 class UserJoined:
     """``name`` entered the room: by logging in (``room`` empty) or by moving in."""
 
@@ -82,7 +118,7 @@ class Announcement:
     text: str
 
 
-RoomEvent = ChatMessage | UserJoined | UserLeft | Announcement
+RoomEvent = ChatMessage | ChatRun | UserJoined | UserLeft | Announcement
 
 
 # --- inbox events ---------------------------------------------------------------------------
@@ -171,10 +207,13 @@ def stream_id_key(event_id: str) -> tuple[int, int]:
 
 
 def decode_bus_message(data: bytes | str) -> RoomEvent:
-    """Decode ``<stream id> <body>`` from a room channel."""
+    """Decode ``<stream id> <body>`` (or a run, ``<id>,<id>,... m LINE\nLINE...``) from a
+    room channel."""
     if isinstance(data, str):
         data = data.encode()
     raw_id, _, body = data.partition(b" ")
+    if b"," in raw_id:
+        return _run(raw_id, body)
     event_id = raw_id.decode("ascii", "replace")
     try:
         stream_id_key(event_id)
@@ -183,16 +222,45 @@ def decode_bus_message(data: bytes | str) -> RoomEvent:
     return decode_event(event_id, body)
 
 
+def _split_line(event_id: str, line: str) -> tuple[str, str]:
+    """(name, text) of a chat line, ``NAME: TEXT``."""
+    name, found, text = line.partition(CHAT_SEPARATOR)
+    if not found:
+        raise EventDecodeError(f"event {event_id}: a chat message without a name")
+    return name, text
+
+
 def _message(event_id: str, line: bytes) -> ChatMessage:
     """The chat message whose body is ``m `` and then ``line`` (``NAME: TEXT``)."""
     try:
         decoded = line.decode()
     except UnicodeDecodeError:  # not written by a gateway: what reaches clients is UTF-8
         decoded, line = line.decode("utf-8", "replace"), b""
-    name, found, text = decoded.partition(CHAT_SEPARATOR)
-    if not found:
-        raise EventDecodeError(f"event {event_id}: a chat message without a name")
-    return ChatMessage(event_id, name, text, line and line + b"\n")
+    return ChatMessage(event_id, *_split_line(event_id, decoded), line and line + b"\n")
+
+
+def _run(raw_ids: bytes, body: bytes) -> ChatRun:
+    """The run of chat messages with stream ids ``raw_ids`` (comma-separated) whose body
+    is ``m `` and then their lines. Checked as a whole (its ids are in order, there is a
+    line for each, and it is UTF-8), never message by message: that is what it saves."""
+    ids = tuple(raw_ids.decode("ascii", "replace").split(","))
+    try:
+        first, last = stream_id_key(ids[0]), stream_id_key(ids[-1])
+    except ValueError:
+        raise EventDecodeError(f"not stream ids: {raw_ids[:40]!r}") from None
+    lines = body[len(_MESSAGE_MARK) :] + b"\n"
+    if (
+        not body.startswith(_MESSAGE_MARK)
+        or first >= last
+        or lines.count(b"\n") != len(ids)
+        or b"\n\n" in lines
+    ):
+        raise EventDecodeError(f"a malformed run of {len(ids)} messages at {ids[0]}")
+    try:
+        lines.decode()
+    except UnicodeDecodeError:  # not written by a gateway: what reaches clients is UTF-8
+        lines = lines.decode("utf-8", "replace").encode()
+    return ChatRun(ids, lines)
 
 
 def _fields(body: str | bytes, what: str) -> dict[str, Any]:

@@ -35,7 +35,9 @@ key                                 type    meaning
 ``chat:room:{<room>}:log``          stream  the room's events, capped, oldest trimmed first
 ``chat:room:{<room>}:said``         stream  its chat messages alone, under their ids in the
                                             log, capped: what history reads
-``chat:room:{<room>}:bus``          pubsub  the same events, live: ``<stream id> <JSON>``
+``chat:room:{<room>}:bus``          pubsub  the same events, live: ``<stream id> <body>``,
+                                            or ``<id>,<id>,... m <lines>`` for chat
+                                            messages published together (a run)
 ``chat:room:{<room>}:members``      hash    session id -> member (JSON: name, gateway)
 ``chat:room:{<room>}:name``         string  the room's name as its first member typed it
 ``chat:room:{<room>}:left:<sess>``  string  set when a leave that Redis could not find (it

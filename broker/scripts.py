@@ -79,13 +79,33 @@ end
 # --- room scripts ---------------------------------------------------------------------------
 
 # ARGV[4]: "1" if the events are chat messages, which are also kept, under the same ids,
-# in the stream of what was said (history reads it, never walking past joins and leaves).
-# ARGV[5..]: encoded events. Returns their stream ids, in order; none if the room has no
-# members any more (a room other than the default one is gone then, and stays gone).
+# in the stream of what was said (history reads it, never walking past joins and leaves);
+# several go on the bus as one run (see broker.events). ARGV[5..]: encoded events.
+# Returns their stream ids, in order; none if the room has no members any more (a room
+# other than the default one is gone then, and stays gone).
 PUBLISH = """
 if not PERMANENT and redis.call('EXISTS', MEMBERS) == 0 then return {} end
 local said = ARGV[4] == '1'
 local ids = {}
+local run = said and #ARGV > 5
+for i = 5, #ARGV do  -- lines as gateways write them: no line break in them
+  if string.sub(ARGV[i], 1, 2) ~= 'm ' or string.find(ARGV[i], '\\n', 1, true) then
+    run = false
+  end
+end
+if run then
+  -- Several chat messages: each its own entry in both streams, one bus message for all
+  -- (a run: ids comma-separated, then the lines), so that no gateway works per message.
+  local lines = {}
+  for i = 5, #ARGV do
+    local id = redis.call('XADD', STREAM, 'MAXLEN', '~', MAXLEN, '*', 'd', ARGV[i])
+    redis.call('XADD', SAID, 'MAXLEN', '~', SAID_MAXLEN, id, 'd', ARGV[i])
+    ids[#ids + 1] = id
+    lines[#lines + 1] = string.sub(ARGV[i], 3)
+  end
+  redis.call(PUBLISH, CHANNEL, table.concat(ids, ',') .. ' m ' .. table.concat(lines, '\\n'))
+  return ids
+end
 for i = 5, #ARGV do
   local id = emit(ARGV[i])
   if said then redis.call('XADD', SAID, 'MAXLEN', '~', SAID_MAXLEN, id, 'd', ARGV[i]) end

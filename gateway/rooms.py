@@ -20,7 +20,15 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from broker import Announcement, ChatMessage, RoomEvent, UserJoined, UserLeft, stream_id_key
+from broker import (
+    Announcement,
+    ChatMessage,
+    ChatRun,
+    RoomEvent,
+    UserJoined,
+    UserLeft,
+    stream_id_key,
+)
 from chatwire.texts import (
     announcement_text,
     chat_line,
@@ -203,9 +211,15 @@ class Room:
             key = stream_id_key(event.id)
             if key <= self._last_key:
                 continue
-            self._last_key, self.last_event = key, event.id
+            seen, self._last_key, self.last_event = self._last_key, key, event.id
             first = first or key[0]
             match event:
+                case ChatRun():
+                    # Whole, but for the part a replay delivered already (rare).
+                    run = event if stream_id_key(event.ids[0]) > seen else event.after(seen)
+                    if run is not None:
+                        lines.append(run.lines)
+                        messages += len(run.ids)
                 case ChatMessage():
                     lines.append(event.line or chat_line(event.name, event.text))
                     messages += 1

@@ -14,6 +14,7 @@ from broker import (
     Announcement,
     BrokerUnavailable,
     ChatMessage,
+    ChatRun,
     Delivery,
     GatewayIdInUse,
     Held,
@@ -427,17 +428,23 @@ async def test_the_default_room_stays_when_empty(broker: RedisBroker) -> None:
 
 
 async def test_publish_returns_increasing_ids_delivered_in_order(broker: RedisBroker) -> None:
-    """publish() ids increase and the subscription yields the same events, ids and order,
-    tagged with the room."""
+    """publish() ids increase and the subscription yields the same messages, ids and
+    order, tagged with the room: the messages of one call as one run, their lines ready
+    to send."""
     texts = [f"message {i}" for i in range(5)]
     async with listen(broker) as listener:
         ids = await broker.publish(LOBBY, [encode_message("alice", t) for t in texts[:3]])
         ids += await broker.publish(LOBBY, [encode_message("bob", t) for t in texts[3:]])
-        received = await listener.next(len(texts))
+        received = await listener.next(2)
     assert len(ids) == len(texts)
     assert [stream_id_key(i) for i in ids] == sorted({stream_id_key(i) for i in ids})
     assert received == [
-        (LOBBY, ChatMessage(i, "alice" if n < 3 else "bob", t))
+        (LOBBY, ChatRun(tuple(ids[:3]), b"alice: message 0\nalice: message 1\nalice: message 2\n")),
+        (LOBBY, ChatRun(tuple(ids[3:]), b"bob: message 3\nbob: message 4\n")),
+    ]
+    messages = [m for _, run in received if isinstance(run, ChatRun) for m in run.messages()]
+    assert messages == [
+        ChatMessage(i, "alice" if n < 3 else "bob", t)
         for n, (i, t) in enumerate(zip(ids, texts, strict=True))
     ]
 

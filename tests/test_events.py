@@ -17,6 +17,7 @@ import pytest
 from broker import (
     Announcement,
     ChatMessage,
+    ChatRun,
     Delivery,
     EventDecodeError,
     Member,
@@ -215,6 +216,52 @@ def test_decode_bus_message_rejects_malformed_messages(data: bytes | str) -> Non
         decode_bus_message(data)
 
 
+def test_a_run_decodes_to_its_ids_and_the_lines_to_send() -> None:
+    """A run (ids comma-separated, then ``m `` and the lines) decodes to its ids and its
+    lines, each ending in a newline, as recipients get them; message by message on
+    request."""
+    data = "7-0,7-1,8-0 m ana: oi\nbob: olá, ana\nana: tudo bem?".encode()
+    run = decode_bus_message(data)
+    assert run == ChatRun(
+        ("7-0", "7-1", "8-0"), "ana: oi\nbob: olá, ana\nana: tudo bem?\n".encode()
+    )
+    assert run.id == "8-0"
+    assert run.messages() == [
+        ChatMessage("7-0", "ana", "oi"),
+        ChatMessage("7-1", "bob", "olá, ana"),
+        ChatMessage("8-0", "ana", "tudo bem?"),
+    ]
+    assert run.after((7, 0)) == ChatRun(("7-1", "8-0"), "bob: olá, ana\nana: tudo bem?\n".encode())
+    assert run.after((8, 0)) is None
+
+
+def test_a_run_that_is_not_utf8_is_sent_as_valid_utf8() -> None:
+    """Bytes in a run that are not UTF-8 reach clients replaced, as in a single message."""
+    run = decode_bus_message(b"1-0,1-1 m a: \xff\nb: ok")
+    assert isinstance(run, ChatRun)
+    assert run.lines == "a: \ufffd\nb: ok\n".encode()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"1-0,1-1 m a: b",  # fewer lines than ids
+        b"1-0,1-1 m a: b\nc: d\ne: f",  # more
+        b"1-0,1-1 m a: b\n",  # an empty line
+        b"1-1,1-0 m a: b\nc: d",  # ids out of order
+        b"1-0,1-0 m a: b\nc: d",
+        b"1-0,x-1 m a: b\nc: d",
+        b"x,1-0 m a: b\nc: d",
+        b'1-0,1-1 {"kind":"msg","name":"a","text":"b"}',  # not chat lines
+    ],
+)
+def test_decode_bus_message_rejects_malformed_runs(data: bytes) -> None:
+    """A run whose ids are not stream ids in order, or whose lines are not one per id, is
+    an EventDecodeError: nothing of it is delivered."""
+    with pytest.raises(EventDecodeError):
+        decode_bus_message(data)
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -340,6 +387,35 @@ async def test_room_events_read_back_from_the_stream_as_published(broker: RedisB
     ]
     assert await broker.events_after(DEFAULT_ROOM_KEY, "0-0") == live
     assert await broker.events_after(DEFAULT_ROOM_KEY, live[2].id) == live[3:]
+
+
+async def test_messages_published_together_travel_as_one_run(broker: RedisBroker) -> None:
+    """Chat messages published in one call reach the bus as one run, whose messages are
+    what the stream and the history keep, one entry each; one whose text holds a line
+    break (no gateway sends one) goes message by message."""
+    async with broker.subscription("gw1", [DEFAULT_ROOM_KEY]) as subscription:
+        ids = await broker.publish(
+            DEFAULT_ROOM_KEY, [encode_message("ana", f"oi {n}, olá") for n in range(3)]
+        )
+        split = await broker.publish(
+            DEFAULT_ROOM_KEY, [encode_message("bob", "a\nb"), encode_message("bob", "c")]
+        )
+        live = [event for _, event in await received(subscription, 3)]
+    run, *single = live
+    assert isinstance(run, ChatRun) and list(run.ids) == ids
+    assert run.lines == b"".join(f"ana: oi {n}, ol\u00e1\n".encode() for n in range(3))
+    stored = await broker.events_after(DEFAULT_ROOM_KEY, "0-0")
+    assert run.messages() == stored[:3]
+    assert (
+        single
+        == stored[3:]
+        == [
+            ChatMessage(split[0], "bob", "a\nb"),
+            ChatMessage(split[1], "bob", "c"),
+        ]
+    )
+    history = await broker.history(DEFAULT_ROOM_KEY, 10)
+    assert [m.text for m in history] == ["oi 0, olá", "oi 1, olá", "oi 2, olá", "a\nb", "c"]
 
 
 async def test_inbox_event_kinds_round_trip_through_send_to_holder(broker: RedisBroker) -> None:

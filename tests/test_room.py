@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker import Announcement, ChatMessage, UserJoined, UserLeft
+from broker import Announcement, ChatMessage, ChatRun, UserJoined, UserLeft
 from chatwire.texts import (
     announcement_text,
     chat_line,
@@ -111,6 +111,47 @@ async def test_a_batch_is_written_to_each_member_in_one_write() -> None:
         chat_line("alice", "one") + notice_line(joined_text("carol")) + chat_line("carol", "two")
     )
     assert [m.written for m in members] == [[expected], [expected]]
+
+
+def run(*messages: tuple[str, str, str]) -> ChatRun:
+    """The run of chat messages (id, name, text), as the bus carries it."""
+    return ChatRun(
+        tuple(i for i, _, _ in messages), b"".join(chat_line(n, t) for _, n, t in messages)
+    )
+
+
+async def test_a_run_is_written_whole_to_every_member_and_counted_per_message() -> None:
+    """A run of chat messages reaches each member as its lines, in one write with what
+    came with it, and counts one delivery per message and member."""
+    room, members = live_room("a", "b")
+    before = room._counts.deliveries
+    room.deliver_batch(
+        [
+            run(("2-0", "alice", "one"), ("2-1", "bob", "two"), ("2-2", "alice", "three")),
+            Announcement("2-3", "noon"),
+        ]
+    )
+    expected = (
+        chat_line("alice", "one")
+        + chat_line("bob", "two")
+        + chat_line("alice", "three")
+        + notice_line(announcement_text("noon"))
+    )
+    assert [m.written for m in members] == [[expected], [expected]]
+    assert room._counts.deliveries - before == 3 * 2
+    assert room.last_event == "2-3"
+
+
+async def test_a_run_partly_delivered_by_a_replay_sends_only_the_rest() -> None:
+    """Of a run whose first messages a replay delivered already, only those after them
+    are written; a run delivered whole already is skipped."""
+    room, (alice,) = live_room("alice")
+    room.deliver_batch([ChatMessage("5-0", "x", "one"), ChatMessage("5-1", "x", "two")])
+    room.deliver_batch([run(("5-0", "x", "one"), ("5-1", "x", "two"), ("6-0", "y", "three"))])
+    room.deliver_batch([run(("5-1", "x", "two"), ("6-0", "y", "three"))])
+    assert alice.output == chat_line("x", "one") + chat_line("x", "two") + chat_line("y", "three")
+    assert alice.written[-1] == chat_line("y", "three")
+    assert room.last_event == "6-0"
 
 
 async def test_events_not_after_the_last_delivered_are_skipped() -> None:

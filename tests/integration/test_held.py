@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from broker import BrokerUnavailable, RedisBroker
-from broker.events import ChatMessage, decode_bus_message, encode_message
+from broker.events import ChatRun, decode_bus_message, encode_message
 from broker.held import HeldScript
 from broker.scripts import sources
 from chatwire.names import DEFAULT_ROOM_KEY
@@ -53,16 +53,18 @@ async def test_publish_returns_the_ids_and_subscribers_get_the_events(
         bodies = [encode_message("ana", f"line {n} é") for n in range(3)]
         ids = await broker.publish(DEFAULT_ROOM_KEY, bodies)
         assert len(ids) == 3 and ids == sorted(ids)
-        events = []
+        run = None
         deadline = time.monotonic() + T
-        while len(events) < 3 and time.monotonic() < deadline:
+        while run is None and time.monotonic() < deadline:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
             if message is not None:
-                events.append(decode_bus_message(message["data"]))
-        assert [e.id for e in events] == ids
-        assert all(isinstance(e, ChatMessage) and e.name == "ana" for e in events)
-        assert [e.text for e in events if isinstance(e, ChatMessage)] == [
-            f"line {n} é" for n in range(3)
+                run = decode_bus_message(message["data"])
+        # The three went out as one run: the lines ready to send, and every id.
+        assert isinstance(run, ChatRun)
+        assert list(run.ids) == ids
+        assert run.lines == "".join(f"ana: line {n} é\n" for n in range(3)).encode()
+        assert [(m.id, m.name, m.text) for m in run.messages()] == [
+            (i, "ana", f"line {n} é") for n, i in enumerate(ids)
         ]
         # Many rooms: each its own keys (the encoded prefix is kept per room).
         assert await broker.publish("#other", [encode_message("ana", "x")]) == []  # empty
