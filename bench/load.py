@@ -118,12 +118,14 @@ async def connect_all(
     deadline: float | None = None,
 ) -> list[LoadClient]:
     """``count`` logged-in clients spread round-robin over ``addresses`` (each moved to
-    ``room`` if given). A client that cannot log in voids the run (:class:`LoginFailed`),
-    unless ``failures`` is given: then it is listed there and the others are returned.
-    Past ``deadline`` (``time.monotonic()``) no login starts: each left is a failure."""
+    ``room`` if given), in that order: client i is on address i mod n, whichever logged
+    in first, so the first k (a workload's senders) are spread evenly too. A client that
+    cannot log in voids the run (:class:`LoginFailed`), unless ``failures`` is given: then
+    it is listed there and the others are returned. Past ``deadline``
+    (``time.monotonic()``) no login starts: each left is a failure."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
-    clients: list[LoadClient] = []
+    placed: dict[int, LoadClient] = {}
     failed: list[str] = [] if failures is None else failures
 
     async def one(index: int) -> None:
@@ -141,9 +143,10 @@ async def connect_all(
                 if client.transport is not None:
                     client.transport.close()
                 return
-            clients.append(client)
+            placed[index] = client
 
     await asyncio.gather(*(one(i) for i in range(count)))
+    clients = [placed[index] for index in sorted(placed)]
     if failed and failures is None:
         for client in clients:
             if client.transport is not None:

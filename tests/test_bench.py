@@ -5,20 +5,23 @@ and --plot writes a PNG."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from asyncio import StreamReader, StreamWriter
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import plot, scenarios
+from bench import load, plot, scenarios
 from bench.classroom import ClassroomServer
 from bench.procs import Cluster
+from chatwire.texts import PROMPT, notice_line, welcome_text
 from tests.support import T
 
 
@@ -147,6 +150,38 @@ async def test_the_load_generator_drives_the_classroom_server(
     assert run.sent > 0
     assert run.deliveries == run.expected_deliveries == run.sent * 4
     assert (run.lost, run.duplicates_or_reordered) == (0, 0)
+
+
+async def test_clients_come_back_spread_in_order_whichever_logged_in_first() -> None:
+    """connect_all() returns client i as the one on address i mod n, even when the other
+    address welcomes its clients first: a workload's first k clients, its senders, are
+    spread evenly over the gateways, not piled on the quickest."""
+
+    def server(delay: float) -> Callable[[StreamReader, StreamWriter], Awaitable[None]]:
+        async def handle(reader: StreamReader, writer: StreamWriter) -> None:
+            writer.write(notice_line(PROMPT))
+            name = (await reader.readline()).decode().strip()
+            await asyncio.sleep(delay)  # a slow server, not a synchronisation
+            writer.write(notice_line(welcome_text(name, 1)))
+            await reader.read()
+            writer.close()
+
+        return handle
+
+    slow = await asyncio.start_server(server(0.3), "127.0.0.1", 0)
+    quick = await asyncio.start_server(server(0.0), "127.0.0.1", 0)
+    addresses = [s.sockets[0].getsockname()[:2] for s in (slow, quick)]
+    clients = await load.connect_all(addresses, 4, load.Stats(), 0, "c")
+    try:
+        assert [c.name for c in clients] == [b"c0", b"c1", b"c2", b"c3"]
+        ports = [c.transport.get_extra_info("peername")[1] for c in clients if c.transport]
+        assert ports == [addresses[0][1], addresses[1][1]] * 2
+    finally:
+        for client in clients:
+            if client.transport is not None:
+                client.transport.close()
+        slow.close()
+        quick.close()
 
 
 async def test_a_login_storm_times_each_login(classroom: tuple[str, int]) -> None:
