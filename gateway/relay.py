@@ -18,6 +18,7 @@ from collections.abc import Callable
 from broker import (
     BrokerUnavailable,
     BusSubscription,
+    ChatRun,
     Delivery,
     InboxEvent,
     PrivateDelivery,
@@ -79,7 +80,8 @@ class Relay:
         self.subscribed = asyncio.Event()
         #: Whether the subscription is up now.
         self.up = False
-        #: Messages received from the bus (room events and inbox), for ``GET /stats``.
+        #: Messages received from the bus (room events and inbox; a run counts each of its
+        #: messages), for ``GET /stats``.
         self.received = 0
         #: Rooms subscribed again by themselves (on a cluster) whose gap is being replayed:
         #: the live events held meanwhile (None: too many, replay once more).
@@ -198,6 +200,8 @@ class Relay:
         self.received += len(batch)
         by_room: dict[str, list[RoomEvent]] = {}
         for key, event in batch:
+            if isinstance(event, ChatRun):  # counted as the messages it carries
+                self.received += len(event.ids) - 1
             if isinstance(event, PrivateDelivery | UserKicked):
                 try:
                     self._on_inbox(event)

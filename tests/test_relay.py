@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from broker import BrokerUnavailable, ChatMessage, Resubscribed, RoomEvent
+from broker import BrokerUnavailable, ChatMessage, ChatRun, Resubscribed, RoomEvent
 from chatwire.texts import chat_line
 from gateway import relay as relay_module
 from gateway.relay import Relay
@@ -38,6 +38,13 @@ class FakeBroker:
 
 def msg(n: int) -> ChatMessage:
     return ChatMessage(f"{n}-0", "ana", f"line {n}")
+
+
+def run(*numbers: int) -> ChatRun:
+    """The run of messages ``numbers``, as the bus carries it."""
+    return ChatRun(
+        tuple(f"{n}-0" for n in numbers), b"".join(chat_line("ana", f"line {n}") for n in numbers)
+    )
 
 
 def lines(member: FakeMember) -> list[str]:
@@ -73,3 +80,29 @@ async def test_a_resubscribed_room_gets_its_gap_then_what_came_live_each_once(
     relay._deliver([("#math", msg(8))])
     assert lines(bob)[-1] == "ana: line 8"
     assert bob.output.count(chat_line("ana", "line 5")) == 1
+
+
+async def test_a_run_held_during_a_replay_is_delivered_once_per_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that came live while its room's gap was replayed, its first message also in
+    the replayed gap, adds only the messages after the gap; ``received`` counts a run's
+    messages, as the bus carried them."""
+    monkeypatch.setattr(relay_module, "RETRY_MIN", 0.001)
+    rooms = Rooms()
+    math = rooms.open("#math")
+    bob = FakeMember("bob")
+    enter(math, bob, "1-0")
+    math.deliver_batch([msg(2)])
+    broker = FakeBroker({"#math": [msg(2), msg(3), msg(4)]})
+    relay = Relay(broker, "gw-1", rooms, lambda event: None, lambda up: None)  # type: ignore[arg-type]
+    relay._deliver([("#math", Resubscribed()), ("#math", run(4, 5, 6))])
+    broker.answer.set()
+    async with asyncio.timeout(1):
+        while "#math" in relay._replaying:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+    assert lines(bob) == [f"ana: line {n}" for n in (2, 3, 4, 5, 6)]
+    before = relay.received
+    relay._deliver([("#math", run(7, 8, 9))])
+    assert relay.received - before == 3
+    assert lines(bob)[-3:] == [f"ana: line {n}" for n in (7, 8, 9)]
