@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
-from tests.support import ChatClient, GatewayProcess, RedisServer, WsClient
+from broker import keys
+from chatwire.names import name_key
+from tests.support import ChatClient, GatewayProcess, RedisServer, T, WsClient
 from tests.tls_support import Certificates
 from tests.topologies import ClusterFixture
 
@@ -57,6 +60,24 @@ class Cluster:
         client = await self.web(gateway, **kwargs)
         await client.login(name)
         return client
+
+    async def name_free(self, name: str) -> None:
+        """Wait until nobody holds ``name``. A leaving user's leave is announced first and
+        the name freed by the next Redis call (so nobody takes it before its holder is
+        seen go): a test that logs in again under it right after the leave waits for
+        this. Woken by Redis's keyspace events on the presence hash, checked after each."""
+        assert isinstance(self.redis, RedisServer), "one Redis only"
+        client = aioredis.Redis.from_url(self.redis.url)
+        pubsub = client.pubsub()
+        try:
+            await client.config_set("notify-keyspace-events", "Kh")
+            await pubsub.subscribe(f"__keyspace@0__:{keys.ONLINE}")
+            async with asyncio.timeout(T):
+                while await client.hexists(keys.ONLINE, name_key(name)):
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=T)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await client.aclose()
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.web_clients))

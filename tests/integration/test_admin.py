@@ -86,6 +86,7 @@ async def test_kick_disconnects_with_reason_and_announces_leave(cluster: Cluster
     ]
     assert await mallory.at_eof()
     assert await alice.readline() == "* Mallory left the chat"
+    await cluster.name_free("mallory")
     await cluster.user(0, "mallory")
 
 

@@ -202,6 +202,7 @@ async def test_sigkilled_gateway_users_reaped_once(cluster: Cluster) -> None:
     for lines in await sync_on(alice, alice, carol):
         assert not any("left the chat" in line for line in lines), lines
     # The names are free again, and chat-admin agrees.
+    await cluster.name_free("bob")
     await cluster.user(0, "BOB")
     status, out, err = await run_cli(
         "chat-admin", "--redis-url", cluster.redis.url, "who", "--json"

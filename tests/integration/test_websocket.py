@@ -125,6 +125,7 @@ async def test_a_dropped_websocket_is_announced_as_left_at_once(cluster: Cluster
     ana.ws.transport.abort()
     assert await bob.readline(timeout=2) == "* ana left the chat"
     assert time.monotonic() - started < 2
+    await cluster.name_free("ana")
     await cluster.web_user(1, "ana")
 
 
