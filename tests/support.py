@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -38,11 +39,29 @@ def port_of(gateway: Gateway) -> int:
     return int(gateway.address.rsplit(":", 1)[1])
 
 
+#: Where test servers listen: below Linux's ephemeral range (32768-60999 by default), from
+#: which every outgoing connection takes its local port. A port picked there could be taken
+#: by some client's connection before the server that was to listen on it is up (a Redis
+#: Cluster node once failed to start that way, its bus port taken).
+PORTS = range(20_000, 32_000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback port nothing listens on, never handed out before by this process."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.choice(PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
