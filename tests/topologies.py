@@ -273,7 +273,15 @@ class ClusterFixture:
 
     async def start(self) -> None:
         """Start every node, create the cluster, and wait until every node agrees on the
-        whole of it: all slots served, every primary with its replicas attached and synced."""
+        whole of it: all slots served, every primary with its replicas attached and synced.
+        If that fails, every node is closed again: none outlives the failed test."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         await asyncio.gather(*(node.start() for node in self.nodes))
         for node in self.nodes:
             node.id = await node.call("CLUSTER", "MYID")
@@ -577,7 +585,14 @@ class SentinelFixture:
     async def start(self) -> None:
         """Start the primary, the replica and the Sentinels; wait until the replica is in sync
         and every Sentinel knows the replica and the two other Sentinels, so that a failover
-        can happen."""
+        can happen. If that fails, every process is closed again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         await self.primary.start()
         await self.replica.start()
         await poll(lambda: self._link_up(self.replica), 3 * T, "the replica is in sync", self.nodes)
