@@ -14,7 +14,7 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,17 @@ class RedisNode:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+async def closed_on_failure(
+    start: Coroutine[Any, Any, None], close: Callable[[], Awaitable[None]]
+) -> None:
+    """Await ``start``; if it fails, ``close()`` what it may have started, then re-raise."""
+    try:
+        await start
+    except BaseException:
+        await close()
+        raise
+
+
 def _server_args(node: RedisNode) -> list[str]:
     return [
         "--port", str(node.port), "--bind", HOST, "--save", "", "--appendonly", "no",
@@ -275,11 +286,7 @@ class ClusterFixture:
         """Start every node, create the cluster, and wait until every node agrees on the
         whole of it: all slots served, every primary with its replicas attached and synced.
         If that fails, every node is closed again: none outlives the failed test."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.close()
-            raise
+        await closed_on_failure(self._start(), self.close)
 
     async def _start(self) -> None:
         await asyncio.gather(*(node.start() for node in self.nodes))
@@ -586,11 +593,7 @@ class SentinelFixture:
         """Start the primary, the replica and the Sentinels; wait until the replica is in sync
         and every Sentinel knows the replica and the two other Sentinels, so that a failover
         can happen. If that fails, every process is closed again."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.close()
-            raise
+        await closed_on_failure(self._start(), self.close)
 
     async def _start(self) -> None:
         await self.primary.start()
