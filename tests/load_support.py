@@ -328,6 +328,27 @@ async def settle_room(users: list[LeanClient], senders: list[LeanClient]) -> Non
         assert await user.wait_until(lambda u=user: last in u.msg_ids, 3 * T), user.name
 
 
+def _difference(first: str, a: list[int], other: str, b: list[int]) -> str:
+    """Where two users' sequences part, and what each saw that the other did not."""
+    at = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    return (
+        f"they part at position {at} ({first}: {a[at : at + 5]}, {other}: {b[at : at + 5]}); "
+        f"only {first} saw {only_a[:20]}, only {other} saw {only_b[:20]}"
+    )
+
+
+def gateway_logs(gateways: list[GatewayProcess], lines: int = 80) -> str:
+    """The last ``lines`` lines each gateway logged, for a failure message."""
+    return "\n".join(
+        f"--- {g.gateway_id}:\n" + "\n".join(g.log.lines[-lines:] if g.log else [])
+        for g in gateways
+    )
+
+
 def check_exactly_once(
     users: list[LeanClient], log: MessageLog, room_senders: list[LeanClient]
 ) -> None:
@@ -336,7 +357,9 @@ def check_exactly_once(
     sequences = [list(u.msg_ids) for u in users]
     for user, seq in zip(users, sequences, strict=True):
         assert len(seq) == len(set(seq)), f"{user.name} saw a message twice"
-        assert seq == sequences[0], f"{user.name} saw another sequence"
+        assert seq == sequences[0], f"{user.name} saw another sequence: " + _difference(
+            users[0].name, sequences[0], user.name, seq
+        )
     for sender in room_senders:
         own = [n for n in sequences[0] if log.senders[n] is sender]
         assert own == sorted(own), f"{sender.name}'s lines out of order"

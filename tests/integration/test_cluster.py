@@ -21,6 +21,7 @@ from tests.load_support import (
     MessageLog,
     check_exactly_once,
     close_all,
+    gateway_logs,
     load_room,
     log_in_all,
     settle_room,
@@ -274,8 +275,11 @@ async def test_a_node_killed_under_load_loses_nothing(
         assert busy_users[0].echoes[marker] - killed_at < 10
         await settle_room(busy_users, busy_users[:2])
         await settle_room(calm_users, calm_users[:1])
-        check_exactly_once(busy_users, log, busy_users[:2])
-        check_exactly_once(calm_users, log, calm_users[:1])
+        try:
+            check_exactly_once(busy_users, log, busy_users[:2])
+            check_exactly_once(calm_users, log, calm_users[:1])
+        except AssertionError as exc:  # what the gateways did, for whoever reads this
+            raise AssertionError(f"{exc}\n{gateway_logs(gateways)}") from exc
         for gateway in gateways:
             if victim_role == "replica":  # it was read there: read again on the primary
                 await gateway.log.wait_for(re.escape(f"subscribed to {channel_of(busy)} again"))
