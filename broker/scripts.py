@@ -61,9 +61,14 @@ ROOM_PRELUDE = """
 local STREAM, CHANNEL, MEMBERS, NAME, SAID = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local MAXLEN, SAID_MAXLEN, PERMANENT = ARGV[1], ARGV[2], ARGV[3] == '1'
 
+-- Append an event to the room stream; returns its id.
+local function append(data)
+  return redis.call('XADD', STREAM, 'MAXLEN', '~', MAXLEN, '*', 'd', data)
+end
+
 -- Append an event to the room stream and publish it with its id: one order for both.
 local function emit(data)
-  local id = redis.call('XADD', STREAM, 'MAXLEN', '~', MAXLEN, '*', 'd', data)
+  local id = append(data)
   redis.call(PUBLISH, CHANNEL, id .. ' ' .. data)
   return id
 end
@@ -93,23 +98,23 @@ for i = 5, #ARGV do  -- lines as gateways write them: no line break in them
     run = false
   end
 end
-if run then
-  -- Several chat messages: each its own entry in both streams, one bus message for all
-  -- (a run: ids comma-separated, then the lines), so that no gateway works per message.
-  local lines = {}
-  for i = 5, #ARGV do
-    local id = redis.call('XADD', STREAM, 'MAXLEN', '~', MAXLEN, '*', 'd', ARGV[i])
-    redis.call('XADD', SAID, 'MAXLEN', '~', SAID_MAXLEN, id, 'd', ARGV[i])
-    ids[#ids + 1] = id
-    lines[#lines + 1] = string.sub(ARGV[i], 3)
-  end
-  redis.call(PUBLISH, CHANNEL, table.concat(ids, ',') .. ' m ' .. table.concat(lines, '\\n'))
-  return ids
-end
+-- A run of chat messages: each its own entry in both streams, one bus message for all
+-- (ids comma-separated, then the lines), so that no gateway works per message. Anything
+-- else goes on the bus event by event.
+local lines = {}
 for i = 5, #ARGV do
-  local id = emit(ARGV[i])
+  local id
+  if run then
+    id = append(ARGV[i])
+    lines[#lines + 1] = string.sub(ARGV[i], 3)
+  else
+    id = emit(ARGV[i])
+  end
   if said then redis.call('XADD', SAID, 'MAXLEN', '~', SAID_MAXLEN, id, 'd', ARGV[i]) end
   ids[#ids + 1] = id
+end
+if run then
+  redis.call(PUBLISH, CHANNEL, table.concat(ids, ',') .. ' m ' .. table.concat(lines, '\\n'))
 end
 return ids
 """
