@@ -28,6 +28,7 @@ from tests.load_support import (
     MessageLog,
     check_exactly_once,
     close_all,
+    gateway_logs,
     load_room,
     log_in,
     settle_room,
@@ -87,7 +88,10 @@ async def fail_over_under_load(
     assert await users[0].wait_until(lambda: marker in users[0].echoes, 3 * T)
     back_after = users[0].echoes[marker] - killed_at
     await settle_room(users, users[:2])
-    check_exactly_once(users, log, users[:2])
+    try:
+        check_exactly_once(users, log, users[:2])
+    except AssertionError as exc:  # what the gateways did, for whoever reads this
+        raise AssertionError(f"{exc}\n{gateway_logs(gateways)}") from exc
     assert all(user.live for user in users)
     return users, back_after
 
