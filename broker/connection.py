@@ -4,7 +4,8 @@ Three deployments, one URL option:
 
 * ``redis://``, ``rediss://``, ``unix://``: one Redis server, or any node of a Redis
   Cluster: the server is asked (``INFO cluster``, as Centrifugo does) and a cluster is
-  detected by itself;
+  detected by itself (a Cluster node by its TCP address: redis-py's cluster client has no
+  Unix sockets);
 * ``redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``: the primary
   that the Sentinels monitor as SERVICE, followed across failovers;
 * no URL: the embedded in-process Redis (fakeredis), for one gateway alone.
@@ -122,6 +123,14 @@ _COMMON: dict[str, Any] = {
 }
 
 
+def _options(url: str) -> dict[str, Any]:
+    """The connection options for ``url``: TCP keepalive only where there is TCP (redis-py
+    refuses the option on a Unix socket)."""
+    if urlsplit(url).scheme == "unix":
+        return {k: v for k, v in _COMMON.items() if k != "socket_keepalive"}
+    return _COMMON
+
+
 def _retrying() -> Retry:
     return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
 
@@ -140,10 +149,10 @@ def standalone(url: str) -> Connection:
             max_connections=MAX_CONNECTIONS,
             timeout=COMMAND_TIMEOUT,
             retry=_retrying(),
-            **_COMMON,
+            **_options(url),
         )
         commands = aioredis.Redis.from_pool(pool)
-        bus = aioredis.Redis.from_url(url, retry=_never_retrying(), **_COMMON)
+        bus = aioredis.Redis.from_url(url, retry=_never_retrying(), **_options(url))
         # redis-py takes unknown URL options and fails on them only when it first
         # connects; making a connection object (no I/O) finds them now.
         commands.connection_pool.make_connection()  # type: ignore[no-untyped-call]
@@ -247,7 +256,7 @@ def embedded() -> Connection:
 
 
 async def _is_cluster(url: str) -> bool:
-    probe = aioredis.Redis.from_url(url, retry=_never_retrying(), **_COMMON)
+    probe = aioredis.Redis.from_url(url, retry=_never_retrying(), **_options(url))
     try:
         info = await probe.info("cluster")
     finally:
@@ -280,6 +289,11 @@ async def open_url(url: str, wait: float = 0.0) -> Connection:
         delay = min(delay * 2, RETRY_MAX)
     if not clustered:
         return standalone(url)
+    if urlsplit(url).scheme == "unix":  # redis-py's cluster client speaks TCP only
+        raise BrokerUnavailable(
+            f"{redact_url(url)} is a Redis Cluster node: give a node's redis:// address, "
+            "not its socket"
+        )
     try:
         connection = _cluster(url)
         await connection.commands.initialize()

@@ -129,6 +129,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def unix_url(self) -> str:
+        """The same server through its Unix socket, as a gateway on its host may reach it."""
+        return f"unix://{self._dir}/redis.sock?db=0"
+
+    @property
     def urls(self) -> list[str]:
         """Where gateways may be pointed: here, the one server."""
         return [self.url]
@@ -142,6 +147,7 @@ class RedisServer:
             exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "everysec",
             "--dir", self._dir, "--daemonize", "no",
+            "--unixsocket", f"{self._dir}/redis.sock", "--unixsocketperm", "700",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         assert self.proc.stdout is not None

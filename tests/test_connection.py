@@ -7,8 +7,16 @@ from typing import Any
 
 import pytest
 
-from broker import BrokerUnavailable, scripts
-from broker.connection import Mode, SentinelAddress, parse_sentinel_url, redact_url, sentinel
+from broker import BrokerUnavailable, connection, scripts
+from broker.connection import (
+    Mode,
+    SentinelAddress,
+    open_url,
+    parse_sentinel_url,
+    redact_url,
+    sentinel,
+    standalone,
+)
 from broker.subscription import Subscription
 from broker.translate import unavailable_on_teardown
 
@@ -70,6 +78,34 @@ def test_a_sentinel_connection_names_its_service_and_sentinels_and_hides_the_pas
     assert connection.description == (
         "Redis service 'chat' through Sentinel at 127.0.0.1:1,127.0.0.1:2"
     )
+
+
+async def test_a_unix_socket_url_makes_clients_without_tcp_options() -> None:
+    """unix:// names one Redis through its socket; redis-py refuses TCP keepalive there, so
+    the clients are made without it (no I/O yet)."""
+    made = standalone("unix:///run/redis/redis.sock?db=2")
+    try:
+        assert made.mode is Mode.STANDALONE
+        kwargs = made.commands.connection_pool.connection_kwargs
+        assert kwargs["path"] == "/run/redis/redis.sock"
+        assert "socket_keepalive" not in kwargs
+    finally:
+        await made.commands.aclose()
+        await made.bus.aclose()
+
+
+async def test_a_unix_socket_url_of_a_cluster_node_is_refused_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py's cluster client has no Unix sockets: a node's socket is refused, saying to
+    give its redis:// address."""
+
+    async def clustered(url: str) -> bool:
+        return True
+
+    monkeypatch.setattr(connection, "_is_cluster", clustered)
+    with pytest.raises(BrokerUnavailable, match="give a node's redis:// address"):
+        await open_url("unix:///run/redis/redis.sock")
 
 
 def test_scripts_publish_sharded_on_a_cluster_only() -> None:

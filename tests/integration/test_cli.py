@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from tests.conftest import Cluster
-from tests.support import ChatClient, GatewayProcess, free_port, run_cli
+from tests.support import ChatClient, GatewayProcess, RedisServer, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +33,35 @@ async def test_embedded_mode_runs_a_chat_alone() -> None:
     finally:
         await gateway.stop()
     gateway.assert_no_traceback()
+
+
+async def test_a_redis_on_its_unix_socket_serves_gateways_and_admin(
+    redis_server: RedisServer,
+) -> None:
+    """A Redis on the gateways' host can be reached through its socket (a unix:// URL, as
+    the README says): two gateways relay a chat through it, and chat-admin lists who is
+    online. (redis-py refuses TCP keepalive on such a socket: the gateway must not ask.)"""
+    gateways = [GatewayProcess(f"gw-{n}", redis_server.unix_url) for n in (1, 2)]
+    await asyncio.gather(*(g.start() for g in gateways))
+    try:
+        alice = await ChatClient.connect(gateways[0].port)
+        bob = await ChatClient.connect(gateways[1].port)
+        await alice.login("alice")
+        await bob.login("bob")
+        assert await alice.expect("* bob joined the chat")
+        await bob.send("oi")
+        assert await alice.readline() == "bob: oi"
+        status, out, err = await run_cli(
+            "chat-admin", "--redis-url", redis_server.unix_url, "who", "--json"
+        )
+        assert (status, err) == (0, "")
+        assert sorted(user["name"] for user in json.loads(out)) == ["alice", "bob"]
+        await alice.close()
+        await bob.close()
+    finally:
+        await asyncio.gather(*(g.stop() for g in gateways))
+    for gateway in gateways:
+        gateway.assert_no_traceback()
 
 
 async def test_gateway_port_in_use_is_one_line_and_exit_1(cluster: Cluster) -> None:
