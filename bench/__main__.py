@@ -60,6 +60,7 @@ def _print_runs(runs: list[scenarios.Run], targets: list[str] | None = None) -> 
     header = (
         f"{lead}{'run':<9}{'clients':>8}{'msgs/s':>9}{'deliv/s':>10}{'p50 ms':>9}"
         f"{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'lost':>7}{'dup/ord':>8}{'srv µs/dl':>10}"
+        f"{'all µs/dl':>10}"
     )
     click.echo(header)
     for n, r in enumerate(runs):
@@ -68,7 +69,7 @@ def _print_runs(runs: list[scenarios.Run], targets: list[str] | None = None) -> 
             f"{lead}{r.name:<9}{r.clients:>8}{r.sent / r.seconds:>9.0f}"
             f"{r.deliveries_per_s:>10.0f}{r.p50_ms:>9.2f}{r.p90_ms:>9.2f}{r.p99_ms:>9.2f}"
             f"{r.max_ms:>9.1f}{r.lost:>7}{r.duplicates_or_reordered:>8}"
-            f"{_us(r.server_cpu_us_per_delivery):>10}"
+            f"{_us(r.server_cpu_us_per_delivery):>10}{_us(r.all_cpu_us_per_delivery):>10}"
         )
         click.echo(f"{'':<{len(lead) + 9}}cpu: {_cpu_line(r.cpu_seconds)}")
 
@@ -91,10 +92,14 @@ def _compare(ours: scenarios.Run, theirs: scenarios.Run) -> dict[str, float | No
         "server_cpu_us_per_delivery": _ratio(
             ours.server_cpu_us_per_delivery, theirs.server_cpu_us_per_delivery
         ),
+        "all_cpu_us_per_delivery": _ratio(
+            ours.all_cpu_us_per_delivery, theirs.all_cpu_us_per_delivery
+        ),
     }
     click.echo(
         f"classroom / gateways, {ours.name}: p99 {_times(ratios['p99'])}, server CPU per "
-        f"delivery {_times(ratios['server_cpu_us_per_delivery'])}"
+        f"delivery {_times(ratios['server_cpu_us_per_delivery'])}, all CPU per delivery "
+        f"(generator included) {_times(ratios['all_cpu_us_per_delivery'])}"
     )
     return ratios
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench import __main__ as bench_main
 from bench import load, plot, scenarios
 from bench.classroom import ClassroomServer
 from bench.procs import Cluster
@@ -250,6 +251,36 @@ def _steps(p99s: list[float], cpu_us: float) -> list[dict[str, Any]]:
         }
         for n, p99 in enumerate(p99s)
     ]
+
+
+@pytest.mark.parametrize(
+    ("cpu", "deliveries", "expected"),
+    [
+        ({"redis": 0.25, "gateway 1": 1.0, "gateway 2": 0.5, "generator": 4.0}, 250_000, 23.0),
+        ({"classroom": 0.5, "generator": 1.0}, 100_000, 15.0),
+        ({"classroom": 0.5, "generator": 1.0}, 0, None),
+    ],
+)
+def test_all_cpu_per_delivery_counts_the_generator_too(
+    cpu: dict[str, float], deliveries: int, expected: float | None
+) -> None:
+    """The generator's CPU counts here: on loopback it carries some of a server's sending."""
+    run = _run(cpu, deliveries)
+    assert run.all_cpu_us_per_delivery == expected
+    assert run.as_dict()["all_cpu_us_per_delivery"] == expected
+
+
+def test_comparing_gives_both_cpu_ratios_classroom_over_gateways(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A classroom run whose sending the kernel charged to the generator looks cheaper by
+    server CPU than by all CPU: --compare prints and returns both ratios."""
+    ours = _run({"redis": 0.1, "gateway 1": 0.9, "generator": 1.0}, 100_000)
+    theirs = _run({"classroom": 0.5, "generator": 1.5}, 100_000)
+    ratios = bench_main._compare(ours, theirs)
+    assert ratios == {"p99": 1.0, "server_cpu_us_per_delivery": 0.5, "all_cpu_us_per_delivery": 1.0}
+    out = capsys.readouterr().out
+    assert "server CPU per delivery x0.5, all CPU per delivery (generator included) x1" in out
 
 
 def test_the_plot_is_a_png(tmp_path: Path) -> None:
