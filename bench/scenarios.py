@@ -36,7 +36,7 @@ def all_cpu_us(cpu_seconds: dict[str, float], count: int) -> float | None:
 
     On loopback the kernel sends a segment that Nagle's algorithm held back when the
     reader's acknowledgement comes in, in the reader's process: a server with Nagle on (the
-    classroom's) has much of its sending charged to the generator. Server CPU alone then
+    classroom's) has some of its sending charged to the generator. Server CPU alone then
     flatters it; this figure does not depend on which side the kernel charged."""
     if not count:
         return None
