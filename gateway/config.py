@@ -134,6 +134,10 @@ class GatewayConfig:
     #: input is not dropped: it waits, unread, until the client's turn comes again.
     rate_limit: float = 10.0
     rate_burst: int = 20
+    #: Seconds a busy room's lines (over gateway.batching.BUSY_RATE messages a second) may
+    #: wait to go out to its members together, and this gateway's messages to Redis
+    #: likewise (0: everything goes out at once).
+    batch_window: float = 0.02
     #: Connections this gateway accepts (0: no limit) and per client address (0: no limit).
     #: Generous per address: a classroom or an office shares one NAT address.
     max_clients: int = 10_000

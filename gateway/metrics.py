@@ -7,9 +7,9 @@ Two kinds of figures, kept two ways:
   takes a lock per increment; an attribute increment is the cheapest thing Python does).
   Fan-out counts once per batch, never per recipient. The collector reads them at scrape
   time and exports them as counters.
-* **Distributions**: the publish-to-delivery latency, observed once per delivered batch
-  per room, is a histogram of plain ints too (its bucket found by bisection: a sixth of
-  what a prometheus_client ``Histogram.observe`` costs, with its lock per bucket); the
+* **Distributions**: the publish-to-delivery latency, observed once per batch written to
+  a room's members, is a histogram of plain ints too (its bucket found by bisection: a
+  sixth of what a prometheus_client ``Histogram.observe`` costs, with its lock per bucket); the
   login duration, once per login, is a prometheus_client ``Histogram``.
 
 Gauges (clients, users, rooms, heartbeat age) are read from the gateway's own state at
@@ -84,6 +84,7 @@ class Counts:
     """The gateway's tallies, as plain ints; read at scrape time by :class:`GatewayMetrics`."""
 
     __slots__ = (
+        "batches_delayed",
         "bus_reconnects",
         "deliveries",
         "events_replayed",
@@ -117,6 +118,9 @@ class Counts:
         self.bus_reconnects = 0
         #: Room events fetched from the streams to fill a gap in the subscription.
         self.events_replayed = 0
+        #: Times busy output waited for the batch window to go out with what followed (a
+        #: room's lines to its members, or messages to Redis): gateway.batching.
+        self.batches_delayed = 0
         #: Publish-to-delivery latencies: how many fell in each of LATENCY_BUCKETS (not
         #: cumulative; the last, past the largest bound), and their sum in seconds.
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -210,13 +214,17 @@ class _Collector:
              counts.bus_reconnects),
             ("chat_events_replayed", "Room events replayed from the streams after a gap in "
              "the subscription.", counts.events_replayed),
+            ("chat_batches_delayed", "Times a busy room's lines, or a busy gateway's messages "
+             "to Redis, waited for the batch window to go out with what followed.",
+             counts.batches_delayed),
         )  # fmt: skip
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=None if snap is None else value)
         latency = HistogramMetricFamily(
             "chat_delivery_latency_seconds",
             "Seconds from an event's stream id (when Redis took it) to its delivery to the "
-            "local members; one observation per delivered batch per room.",
+            "local members; one observation per batch written to a room's members (its "
+            "oldest event).",
         )
         if snap is not None:
             cumulative, total = [], 0

@@ -4,12 +4,15 @@ One worker drains one queue, so a client's lines and its final leave reach Redis
 order the client produced them (a leave never overtakes the last message, a message typed
 before ``/join`` lands in the room it was typed in). Consecutive messages go out in one
 script call per room, which is also what keeps Redis round trips per message low under load.
+A busy gateway (:mod:`gateway.batching`) also waits up to a window between two calls, so
+that each carries what came in meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Protocol
 
 from broker import BrokerUnavailable, RedisBroker
 from broker.events import encode_leave, encode_message
+from gateway.batching import Pacer
 from gateway.metrics import Counts
 
 log = logging.getLogger(__name__)
@@ -86,12 +90,19 @@ class Publisher:
     """Ordered, batched publishing of messages and presence releases."""
 
     def __init__(
-        self, broker: RedisBroker, gateway: str = "", counts: Counts | None = None
+        self,
+        broker: RedisBroker,
+        gateway: str = "",
+        counts: Counts | None = None,
+        batch_window: float = 0.0,
     ) -> None:
+        """``batch_window``: seconds a busy gateway waits between two publishing calls, at
+        most (0: never waits)."""
         self._broker = broker
         self._gateway = gateway
         self._counts = counts if counts is not None else Counts()
         self._queue: deque[_Item] = deque()
+        self._pacer = Pacer(batch_window)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -164,6 +175,7 @@ class Publisher:
                 continue
             head = self._queue[0]
             if isinstance(head, _Message):
+                await self._pace()
                 await self._publish_batch()
                 continue
             self._queue.popleft()
@@ -190,6 +202,14 @@ class Publisher:
         self._idle.clear()
         self._wakeup.set()
 
+    async def _pace(self) -> None:
+        """While busy, wait until the batch window since the last call is over."""
+        now = time.monotonic()
+        due = self._pacer.due(now)
+        if due > now:
+            self._counts.batches_delayed += 1
+            await asyncio.sleep(due - now)
+
     async def _publish_batch(self) -> None:
         by_room: dict[str, list[_Message]] = {}
         taken = 0
@@ -198,6 +218,9 @@ class Publisher:
             assert isinstance(message, _Message)
             by_room.setdefault(message.room, []).append(message)
             taken += 1
+        now = time.monotonic()
+        self._pacer.arrived(taken, now)
+        self._pacer.sent(now)
         for room, batch in by_room.items():
             await self._publish_room(room, batch)
 

@@ -6,6 +6,11 @@ bytes are written to every local member. A member's own join event is the moment
 receiving the room, and its own leave event (when it moves on) the moment it stops:
 everything between reaches it, nothing else, on every gateway alike.
 
+A busy room's lines wait up to a window to go out together (:mod:`gateway.batching`).
+Whatever else the room writes (a notice, a summary) and a member's own join or leave first
+write what is waiting, so that everyone gets the same order, and exactly what came
+between their join and their leave.
+
 Entering a room is done in two steps so that the newcomer sees its welcome (or the room's
 name and size) and the room's history before the live traffic that follows its join:
 :meth:`Room.expect` before the join is announced, :meth:`Room.enter` once the history is
@@ -39,6 +44,7 @@ from chatwire.texts import (
     notice_line,
     summary_text,
 )
+from gateway.batching import Pacer
 from gateway.metrics import Counts
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,11 @@ class Room:
         "_last_key",
         "_leaving",
         "_members",
+        "_out",
+        "_out_first",
+        "_out_messages",
+        "_out_timer",
+        "_pacer",
         "_pending",
         "_ready",
         "_summary",
@@ -92,7 +103,13 @@ class Room:
         "notice_limit",
     )
 
-    def __init__(self, key: str, notice_limit: int = 0, counts: Counts | None = None) -> None:
+    def __init__(
+        self,
+        key: str,
+        notice_limit: int = 0,
+        counts: Counts | None = None,
+        batch_window: float = 0.0,
+    ) -> None:
         self.key = key
         #: Where deliveries and latencies are counted (the gateway's; its own when alone).
         self._counts = counts if counts is not None else Counts()
@@ -114,6 +131,13 @@ class Room:
         #: Stream id of the last event delivered: replay after it, skip anything up to it.
         self.last_event: str | None = None
         self._last_key: tuple[int, int] = (-1, -1)
+        #: Lines for every member waiting for the batch window (a busy room's), the chat
+        #: messages among them, the first one's milliseconds, and the timer to write them.
+        self._pacer = Pacer(batch_window)
+        self._out: list[bytes] = []
+        self._out_messages = 0
+        self._out_first = 0
+        self._out_timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         """Local members, newcomers included."""
@@ -183,7 +207,8 @@ class Room:
             leaving.set_result(None)
 
     def clear(self) -> None:
-        """Forget every member (shutdown)."""
+        """Write what is waiting, then forget every member (shutdown)."""
+        self.flush()
         for member in [*self.members(), *(m for m, _ in self._pending.values())]:
             self.forget(member)
         if self._summary_timer is not None:
@@ -229,8 +254,8 @@ class Room:
                     event.session in self._leaving
                 ):
                     # The event concerns one of ours: deliver what came before it first.
-                    self._broadcast_all(lines, messages)
-                    lines, messages = [], 0
+                    self._broadcast_all(lines, messages, first)
+                    lines, messages, first = [], 0, 0
                     self._own_event(event)
                 case UserJoined() | UserLeft():
                     if self._busy():
@@ -242,13 +267,12 @@ class Room:
                             else _departure_text(event)
                         )
                         lines.append(notice_line(text))
-        self._broadcast_all(lines, messages)
-        if first:
-            # Once per batch; the stream id is Redis's clock, ours may be a little behind.
-            self._counts.observe_latency(max(0.0, time.time() - first / 1000))
+        self._broadcast_all(lines, messages, first)
 
     def _own_event(self, event: UserJoined | UserLeft) -> None:
         """A join or leave of a session held here."""
+        # What waits came before the event: a member leaving still gets it, a newcomer not.
+        self.flush()
         if isinstance(event, UserJoined):
             pending = self._pending.pop(event.session, None)
             if self._busy():
@@ -296,15 +320,52 @@ class Room:
         """A ``* `` line from this gateway itself to every local member."""
         self._broadcast(notice_line(text))
 
-    def _broadcast_all(self, lines: list[bytes], messages: int = 0) -> None:
-        """Write ``lines`` (``messages`` of them chat messages) to every member."""
-        if lines:
-            self._broadcast(lines[0] if len(lines) == 1 else b"".join(lines))
-            # Counted per batch: the members written to (or holding it for later) times
-            # the messages in it, never a call per recipient.
-            self._counts.deliveries += messages * (len(self._members) + len(self._entering))
+    def _broadcast_all(self, lines: list[bytes], messages: int = 0, first: int = 0) -> None:
+        """Write ``lines`` (``messages`` of them chat messages, the first of them
+        published at ``first`` milliseconds) to every member: at once, or with what
+        follows once the batch window is over if the room is busy."""
+        if not lines:
+            return
+        now = time.monotonic()
+        pacer = self._pacer
+        pacer.arrived(messages, now)
+        self._out += lines
+        self._out_messages += messages
+        self._out_first = self._out_first or first
+        if self._out_timer is not None:
+            return  # already waiting
+        due = pacer.due(now)
+        if due <= now:
+            self.flush()
+        else:
+            self._counts.batches_delayed += 1
+            loop = asyncio.get_running_loop()
+            self._out_timer = loop.call_later(due - now, self.flush)
+
+    def flush(self) -> None:
+        """Write the lines waiting for the batch window now (if any)."""
+        if self._out_timer is not None:
+            self._out_timer.cancel()
+            self._out_timer = None
+        if not self._out:
+            return
+        lines, messages, first = self._out, self._out_messages, self._out_first
+        self._out, self._out_messages, self._out_first = [], 0, 0
+        self._send(lines[0] if len(lines) == 1 else b"".join(lines))
+        self._pacer.sent(time.monotonic())
+        # Counted per batch: the members written to (or holding it for later) times
+        # the messages in it, never a call per recipient.
+        self._counts.deliveries += messages * (len(self._members) + len(self._entering))
+        if first:
+            # The batch's oldest; the stream id is Redis's clock, ours may be a little behind.
+            self._counts.observe_latency(max(0.0, time.time() - first / 1000))
 
     def _broadcast(self, data: bytes, skip: str | None = None) -> None:
+        """Write ``data`` to every member but ``skip``, after what is waiting."""
+        self.flush()
+        self._send(data, skip)
+
+    def _send(self, data: bytes, skip: str | None = None) -> None:
         # write() never raises and never removes members synchronously (an abort reports
         # connection_lost on a later loop iteration), so iterating the dict is safe.
         for member_id, member in self._members.items():
@@ -322,9 +383,13 @@ class Room:
 class Rooms:
     """The rooms this gateway hosts (those with local members, or about to have some)."""
 
-    def __init__(self, notice_limit: int = 0, counts: Counts | None = None) -> None:
+    def __init__(
+        self, notice_limit: int = 0, counts: Counts | None = None, batch_window: float = 0.0
+    ) -> None:
         self.notice_limit = notice_limit
         self.counts = counts if counts is not None else Counts()
+        #: Seconds a busy room's lines may wait to go out together (0: never).
+        self.batch_window = batch_window
         self._rooms: dict[str, Room] = {}
 
     def __iter__(self) -> Iterator[Room]:
@@ -340,7 +405,8 @@ class Rooms:
         """The room ``key``, made if this gateway did not host it yet."""
         room = self._rooms.get(key)
         if room is None:
-            room = self._rooms[key] = Room(key, self.notice_limit, self.counts)
+            room = Room(key, self.notice_limit, self.counts, self.batch_window)
+            self._rooms[key] = room
         return room
 
     def close_if_empty(self, key: str) -> bool:
