@@ -7,7 +7,7 @@ bot, a bridge, a benchmark) is not read line by line by anyone: there, one write
 window carrying every line that came in it costs a fraction of a write per line, and the
 few milliseconds it adds are not seen.
 
-So output is *paced* only while it is busy: from :data:`BUSY_RATE` messages a second,
+So output is *paced* only while it is busy: above :data:`BUSY_RATE` messages a second,
 measured over each :data:`RATE_PERIOD` or so, it goes out at most once per window, the
 first batch after a quiet spell at once; pacing ends when the rate falls under half that
 (so that a rate near the line does not switch it on and off). Nothing ever waits in a
@@ -59,7 +59,7 @@ class Pacer:
             self._since, self._count = now, 0
 
     def due(self, now: float) -> float:
-        """When output may go out: ``now`` or earlier if at once, else the time to wait for."""
+        """When output may go out: ``now`` if at once, else the later time to wait for."""
         if not self._busy or not self.window:
             return now
         return max(now, self._last_out + self.window)
