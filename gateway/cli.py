@@ -229,8 +229,8 @@ async def serve(config: GatewayConfig) -> None:
     default=0.02,
     type=click.FloatRange(0, 1),
     help="Seconds a busy room's lines (over 500 messages a second) wait, at most, to go "
-    "out together, and the gateway's messages to Redis likewise: fewer writes under load "
-    "(0: every line goes out at once). A room of people never waits.",
+    "out together, and the gateway's messages to Redis likewise when its users send over "
+    "500 a second in all: fewer writes under load (0: every line goes out at once).",
 )
 @click.option(
     "--max-clients",

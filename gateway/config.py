@@ -136,7 +136,7 @@ class GatewayConfig:
     rate_burst: int = 20
     #: Seconds a busy room's lines (over gateway.batching.BUSY_RATE messages a second) may
     #: wait to go out to its members together, and this gateway's messages to Redis
-    #: likewise (0: everything goes out at once).
+    #: likewise when its users send over that rate in all (0: everything goes out at once).
     batch_window: float = 0.02
     #: Connections this gateway accepts (0: no limit) and per client address (0: no limit).
     #: Generous per address: a classroom or an office shares one NAT address.
