@@ -158,6 +158,13 @@ def _print_logins(runs: list[scenarios.LoginsRun], targets: list[str]) -> None:
 @click.option("--factor", default=1.5, help="saturation: rate multiplier per step.")
 @click.option("--steps", default=10, help="saturation: most steps.")
 @click.option("--step-seconds", default=5.0, help="saturation: seconds per step.")
+@click.option(
+    "--generators",
+    default=1,
+    type=click.IntRange(1, 16),
+    help="saturation: load generator processes, each with a share of the clients (one "
+    "reads about a million deliveries a second at most; past that the run measures it).",
+)
 @click.option("--connections", default=10_000, help="idle: connections on one gateway.")
 @click.option("--rooms", "small_rooms", default=300, help="rooms: small rooms.")
 @click.option("--room-size", default=10, help="rooms: members of each small room.")
@@ -181,8 +188,8 @@ def main(
     workload: str, gateways: int, redis_kind: str, compare: bool, classroom_nodelay: bool,
     gateway_args: str, clients: int | None,
     senders: int | None, rate: float, duration: float, start_rate: float, factor: float,
-    steps: int, step_seconds: float, connections: int, small_rooms: int, room_size: int,
-    big_room: int, login_count: int, login_rate: float, login_timeout: float,
+    steps: int, step_seconds: float, generators: int, connections: int, small_rooms: int,
+    room_size: int, big_room: int, login_count: int, login_rate: float, login_timeout: float,
     json_path: str | None, plot_path: str | None,
 ) -> None:  # fmt: skip
     """Start a redis-server (or a Redis Cluster) and GATEWAYS chat gateways on loopback,
@@ -297,7 +304,7 @@ def main(
             try:
                 runs, best = await scenarios.saturation(
                     cluster, clients or 100, senders or 10, start_rate, factor, steps,
-                    step_seconds,
+                    step_seconds, generators=generators,
                 )  # fmt: skip
             finally:
                 cluster.stop()

@@ -116,13 +116,16 @@ async def connect_all(
     room: str | None = None,
     failures: list[str] | None = None,
     deadline: float | None = None,
+    indices: list[int] | None = None,
 ) -> list[LoadClient]:
     """``count`` logged-in clients spread round-robin over ``addresses`` (each moved to
     ``room`` if given), in that order: client i is on address i mod n, whichever logged
     in first, so the first k (a workload's senders) are spread evenly too. A client that
     cannot log in voids the run (:class:`LoginFailed`), unless ``failures`` is given: then
     it is listed there and the others are returned. Past ``deadline``
-    (``time.monotonic()``) no login starts: each left is a failure."""
+    (``time.monotonic()``) no login starts: each left is a failure. ``indices``: make only
+    these clients of the ``count`` (a share of them, in one generator process of several),
+    returned in that order."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
     placed: dict[int, LoadClient] = {}
@@ -145,7 +148,7 @@ async def connect_all(
                 return
             placed[index] = client
 
-    await asyncio.gather(*(one(i) for i in range(count)))
+    await asyncio.gather(*(one(i) for i in (range(count) if indices is None else indices)))
     clients = [placed[index] for index in sorted(placed)]
     if failed and failures is None:
         for client in clients:
@@ -160,6 +163,7 @@ class LoginFailed(Exception):
 
     def __init__(self, failed: int, total: int, first: str) -> None:
         super().__init__(f"{failed} of {total} clients could not log in (first: {first})")
+        self.failed, self.total, self.first = failed, total, first
 
 
 class Senders:
@@ -172,11 +176,21 @@ class Senders:
 
     TICK = 0.002
 
-    def __init__(self, clients: list[LoadClient], offset: int = 0) -> None:
+    def __init__(
+        self,
+        clients: list[LoadClient],
+        offset: int = 0,
+        numbers: list[int] | None = None,
+        of: int | None = None,
+    ) -> None:
         """``offset``: the first sender number these senders stamp (several pacers can
-        then share receivers)."""
+        then share receivers). ``numbers``: the sender numbers they stamp instead, and
+        ``of``: how many senders there are in all (a share of them, in one generator
+        process of several; the phases are spread over all of them)."""
         self.clients = clients
         self.offset = offset
+        self._positions = list(range(len(clients))) if numbers is None else numbers
+        self._of = of if of is not None else len(clients)
         #: Sequence numbers go on across runs, so receivers' order checks stay valid.
         self.sent = [0] * len(clients)
 
@@ -186,7 +200,7 @@ class Senders:
         start = time.monotonic()
         end = start + duration
         first = list(self.sent)
-        phase = [s / len(self.clients) for s in range(len(self.clients))]
+        phase = [position / self._of for position in self._positions]
         while (now := time.monotonic()) < end:
             stamp = time.monotonic_ns()
             elapsed = (now - start) * rate
@@ -194,7 +208,7 @@ class Senders:
                 due = first[s] + int(elapsed + 1 - phase[s])
                 seq = self.sent[s]
                 if seq < due:
-                    n = s + self.offset
+                    n = self._positions[s] + self.offset
                     client.send(b"".join(f"{n}:{q}:{stamp}\n".encode() for q in range(seq, due)))
                     self.sent[s] = due
             await asyncio.sleep(self.TICK)

@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.load import LoadClient, Senders, Stats, connect_all
 from bench.procs import Cluster, rss_bytes, self_cpu_seconds
+from bench.shards import Shards
 
 #: Seconds to wait, after the last message was sent, for the last deliveries.
 DRAIN_TIMEOUT = 5.0
@@ -117,7 +118,30 @@ async def _measure(
         pass  # what did not arrive by now counts as lost
     elapsed = time.monotonic() - started
     after = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
-    latencies = sorted(stats.latencies_us)
+    return _run(
+        name, clients, senders, offered, sent, expected,
+        (stats.deliveries, stats.duplicates_or_reordered, stats.latencies_us),
+        elapsed, before, after,
+    )  # fmt: skip
+
+
+def _run(
+    name: str,
+    clients: int,
+    senders: int,
+    offered: float,
+    sent: int,
+    expected: int,
+    seen: tuple[int, int, array[int]],
+    elapsed: float,
+    before: dict[str, float],
+    after: dict[str, float],
+) -> Run:
+    """A run's figures from what the receivers ``seen``: deliveries, duplicates or
+    reordered, latencies (µs); and the CPU seconds of each process ``before`` and
+    ``after``."""
+    deliveries, duplicates, latencies_us = seen
+    latencies = sorted(latencies_us)
     return Run(
         name=name,
         clients=clients,
@@ -125,16 +149,39 @@ async def _measure(
         offered_msgs_per_s=offered,
         sent=sent,
         expected_deliveries=expected,
-        deliveries=stats.deliveries,
+        deliveries=deliveries,
         seconds=round(elapsed, 2),
         p50_ms=percentile(latencies, 50),
         p90_ms=percentile(latencies, 90),
         p99_ms=percentile(latencies, 99),
         max_ms=latencies[-1] / 1000.0 if latencies else float("nan"),
-        lost=max(0, expected - stats.deliveries + stats.duplicates_or_reordered),
-        duplicates_or_reordered=stats.duplicates_or_reordered,
+        lost=max(0, expected - deliveries + duplicates),
+        duplicates_or_reordered=duplicates,
         cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
     )
+
+
+async def _sharded_step(
+    name: str, cluster: Cluster, shards: Shards, senders: int, rate: float, duration: float
+) -> Run:
+    """One room's step with the generator over several processes: the same figures as
+    :func:`_one_room`, the generator's CPU being every generator process's."""
+
+    def cpu() -> dict[str, float]:
+        return cluster.cpu() | {GENERATOR: self_cpu_seconds() + shards.cpu()}
+
+    clients = sum(shards.sizes)
+    await shards.reset()
+    before = cpu()
+    started = time.monotonic()
+    sent = await shards.send(rate, duration)
+    pooled = await shards.drain(sent, DRAIN_TIMEOUT)
+    elapsed = time.monotonic() - started
+    seen = (pooled.deliveries, pooled.duplicates_or_reordered, pooled.latencies_us)
+    return _run(
+        name, clients, senders, rate * senders, sent, sent * clients, seen, elapsed, before,
+        cpu(),
+    )  # fmt: skip
 
 
 async def _one_room(
@@ -209,34 +256,51 @@ async def saturation(
     steps: int,
     step_seconds: float,
     max_p99_ms: float = 100.0,
+    generators: int = 1,
 ) -> tuple[list[Run], Run | None]:
     """Step the offered rate up until loss appears or p99 passes ``max_p99_ms``; the best
-    step without either is the sustainable rate."""
-    stats = Stats()
-    pool = await connect_all(cluster.gateways, clients, stats, senders, "s")
+    step without either is the sustainable rate. ``generators``: the load generator's
+    processes (:mod:`bench.shards`; 1: this one alone)."""
+    step: Callable[[str, float], Awaitable[Run]]
+    close: Callable[[], Awaitable[None]]
+    if generators > 1:
+        shards = await Shards.start(generators, cluster.gateways, clients, senders, "s")
+
+        def step(name: str, rate: float) -> Awaitable[Run]:
+            return _sharded_step(name, cluster, shards, senders, rate, step_seconds)
+
+        close = shards.stop
+    else:
+        stats = Stats()
+        pool = await connect_all(cluster.gateways, clients, stats, senders, "s")
+        pacer = Senders(pool[:senders])
+
+        def step(name: str, rate: float) -> Awaitable[Run]:
+            return _one_room(name, cluster, pool, pacer, stats, rate, step_seconds)
+
+        async def close() -> None:
+            for client in pool:
+                if client.transport is not None:
+                    client.transport.close()
+
     runs: list[Run] = []
     best: Run | None = None
     try:
         await asyncio.sleep(0.5)
-        pacer = Senders(pool[:senders])
         rate = start_rate
-        for step in range(steps):
-            run = await _one_room(
-                f"step {step + 1}", cluster, pool, pacer, stats, rate, step_seconds
-            )
+        for n in range(steps):
+            run = await step(f"step {n + 1}", rate)
             runs.append(run)
             if run.lost or run.duplicates_or_reordered or run.p99_ms > max_p99_ms:
                 break
-            if run.sent < 0.9 * rate * len(pacer.clients) * step_seconds:
+            if run.sent < 0.9 * rate * senders * step_seconds:
                 break  # the generator could not offer the rate: it is the bottleneck
             if best is None or run.deliveries_per_s > best.deliveries_per_s:
                 best = run
             rate *= factor
             await asyncio.sleep(1.0)  # let queues empty between steps
     finally:
-        for client in pool:
-            if client.transport is not None:
-                client.transport.close()
+        await close()
     return runs, best
 
 

@@ -153,6 +153,25 @@ async def test_the_load_generator_drives_the_classroom_server(
     assert (run.lost, run.duplicates_or_reordered) == (0, 0)
 
 
+async def test_the_load_generator_over_two_processes_drives_the_classroom_server(
+    classroom: tuple[str, int],
+) -> None:
+    """Saturation with the generator over two processes: each holds half the clients and
+    senders, yet every receiver gets every sender's messages in order, none twice (a
+    sender numbered twice, or a process counting another's senders, would show up as
+    reordered or lost)."""
+    runs, best = await scenarios.saturation(
+        Cluster([classroom]), 6, 3, 20.0, 1.5, 2, 0.5, generators=2
+    )
+    assert [run.name for run in runs] == ["step 1", "step 2"]
+    for run, rate in zip(runs, (20.0, 30.0), strict=True):
+        assert run.sent >= 0.9 * rate * 3 * 0.5
+        assert run.deliveries == run.expected_deliveries == run.sent * 6
+        assert (run.lost, run.duplicates_or_reordered) == (0, 0)
+        assert run.p99_ms > 0
+    assert best is runs[1]
+
+
 async def test_clients_come_back_spread_in_order_whichever_logged_in_first() -> None:
     """connect_all() returns client i as the one on address i mod n, even when the other
     address welcomes its clients first: a workload's first k clients, its senders, are
