@@ -293,7 +293,7 @@ async def saturation(
             runs.append(run)
             if run.lost or run.duplicates_or_reordered or run.p99_ms > max_p99_ms:
                 break
-            if run.sent < 0.9 * rate * senders * step_seconds:
+            if run.sent < 0.9 * rate * min(senders, clients) * step_seconds:
                 break  # the generator could not offer the rate: it is the bottleneck
             if best is None or run.deliveries_per_s > best.deliveries_per_s:
                 best = run

@@ -36,6 +36,12 @@ class Sender(Protocol):
     def published(self, delivered: bool) -> None: ...
 
 
+class Reader(Protocol):
+    """A client whose input waits for the next batch (:meth:`Publisher.hold`)."""
+
+    def read_now(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Message:
     sender: Sender
@@ -103,6 +109,8 @@ class Publisher:
         self._counts = counts if counts is not None else Counts()
         self._queue: deque[_Item] = deque()
         self._pacer = Pacer(batch_window)
+        #: Clients whose input waits for the next batch: read just before it goes.
+        self._held: set[Reader] = set()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -202,13 +210,31 @@ class Publisher:
         self._idle.clear()
         self._wakeup.set()
 
+    def hold(self, reader: Reader) -> bool:
+        """While busy, ``reader`` (whose lines are queued) need not be read again before
+        the next call: True, and it is read just before that call (:meth:`Reader.read_now`).
+        A busy gateway thus reads each sender about once per window, not on every packet."""
+        if not (self._pacer.busy and self._pacer.window):
+            return False
+        self._held.add(reader)
+        return True
+
     async def _pace(self) -> None:
-        """While busy, wait until the batch window since the last call is over."""
+        """While busy, wait until the batch window since the last call is over; then take
+        in the input held for it."""
         now = time.monotonic()
         due = self._pacer.due(now)
         if due > now:
             self._counts.batches_delayed += 1
             await asyncio.sleep(due - now)
+        if self._held:
+            held, self._held = self._held, set()
+            for reader in held:
+                reader.read_now()
+            # The reads come on the next loop iteration (after this task's next step on
+            # the standard loop, before it on uvloop): let them, then send what they queued.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     async def _publish_batch(self) -> None:
         by_room: dict[str, list[_Message]] = {}

@@ -488,6 +488,9 @@ class Gateway:
     def command(self, session: Session, request: Request) -> None:
         self.commands.handle(session, request)
 
+    def hold_input(self, session: Session) -> bool:
+        return self.publisher.hold(session)
+
     # -- login ---------------------------------------------------------------------------
 
     def login(self, session: Session, name: str, key: str) -> None:

@@ -55,6 +55,10 @@ class Hub(Protocol):
     def login(self, session: Session, name: str, key: str) -> None: ...
     def publish(self, session: Session, text: str) -> None: ...
     def command(self, session: Session, request: Request) -> None: ...
+    def hold_input(self, session: Session) -> bool:
+        """Whether ``session``, whose lines wait to be published, should stop reading until
+        the next batch goes (then :meth:`Session.read_now` is called)."""
+        ...
 
 
 class Session(asyncio.Protocol):
@@ -211,6 +215,12 @@ class Session(asyncio.Protocol):
         self._waiting = False
         if not self.closed:
             self._process()
+
+    def read_now(self) -> None:
+        """The gateway is about to publish: take in what this client sent since its input
+        was held (:meth:`Hub.hold_input`), so that it goes in the same batch."""
+        if not self.closed:
+            self._set_paused(self._must_wait())
 
     def published(self, delivered: bool) -> None:
         """One of this client's lines left the publish queue (``delivered`` or refused)."""
@@ -396,8 +406,18 @@ class Session(asyncio.Protocol):
         if self._closing and self._transport is not None:
             self._transport.close()
 
+    def _must_wait(self) -> bool:
+        """Input waits for a claim or move, for flood control, or for Redis to catch up."""
+        return self._waiting or self._pacing is not None or self._unpublished >= MAX_UNPUBLISHED
+
     def _update_reading(self) -> None:
-        pause = self._waiting or self._pacing is not None or self._unpublished >= MAX_UNPUBLISHED
+        # Lines waiting for a busy gateway's next batch: what follows them can wait in
+        # the kernel too, and be read just before that batch goes (one read, not many).
+        self._set_paused(
+            self._must_wait() or (self._unpublished > 0 and self._hub.hold_input(self))
+        )
+
+    def _set_paused(self, pause: bool) -> None:
         if pause == self._paused or self._transport is None or self._transport.is_closing():
             return
         self._paused = pause

@@ -371,3 +371,36 @@ async def test_a_busy_gateway_publishes_at_most_once_per_window(window: float, r
     else:
         assert counts.batches_delayed == 0
         assert count / len(broker.calls) < 4  # a message or two per call
+
+
+class HeldReader:
+    """A client whose input the publisher holds: notes when it is read again."""
+
+    def __init__(self, broker: RecordingBroker) -> None:
+        self.broker = broker
+        self.read_before: list[int] = []  # calls made before each read_now()
+
+    def read_now(self) -> None:
+        self.read_before.append(len(self.broker.calls))
+
+
+async def test_a_busy_gateway_reads_held_input_just_before_each_call() -> None:
+    """Held readers are read (read_now) once, right before the next call and after its
+    window; an idle gateway holds nobody."""
+    broker = RecordingBroker()
+    publisher = Publisher(broker, "gw", Counts(), batch_window=0.05)  # type: ignore[arg-type]
+    reader = HeldReader(broker)
+    assert not publisher.hold(reader)  # not busy: nothing held
+    worker = asyncio.create_task(publisher.run())
+    sender = Sender()
+    try:
+        async with asyncio.timeout(T):
+            await feed(publisher, sender, int(4 * BUSY_RATE * 0.3), 4 * BUSY_RATE)
+            assert publisher.hold(reader)
+            calls = len(broker.calls)
+            publisher.message(sender, "#lobby", "bot", "last")
+            await publisher.drain()
+    finally:
+        worker.cancel()
+    assert reader.read_before == [calls]  # read once, before the call that followed
+    assert broker.calls[-1][1][-1] == encode_message("bot", "last")

@@ -88,6 +88,7 @@ class FakeHub:
         self.calls: list[tuple[Any, ...]] = []
         self.rooms: list[str] = []
         self.fail_on = fail_on
+        self.holding = False
 
     def _record(self, *call: Any) -> None:
         self.calls.append(call)
@@ -109,6 +110,10 @@ class FakeHub:
 
     def command(self, session: Session, request: Any) -> None:
         self._record("command", session, request)
+
+    def hold_input(self, session: Session) -> bool:
+        """As a busy gateway's publisher does when ``holding``: input waits for its batch."""
+        return self.holding
 
     def named(self, kind: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == kind]
@@ -366,6 +371,35 @@ def test_too_many_unpublished_lines_pause_reading_until_published() -> None:
     session.published(True)
     assert transport.calls.count("resume_reading") == 1  # no redundant resume
     assert transport.written == []
+
+
+def test_a_busy_gateway_holds_input_until_its_next_batch_goes() -> None:
+    """While the gateway holds input for its next batch, a client with a line waiting is
+    not read; read_now() (the batch is about to go) reads it again; once nothing holds
+    it, publishing resumes it as before."""
+    session, transport, hub = logged_in()
+    hub.holding = True
+    session.data_received(b"one\n")
+    assert transport.paused
+    session.read_now()
+    assert not transport.paused
+    session.data_received(b"two\n")
+    assert transport.paused  # held again, for the batch after
+    hub.holding = False
+    session.published(True)
+    assert not transport.paused
+    assert [call[2] for call in hub.named("publish")] == ["one", "two"]
+
+
+def test_read_now_does_not_read_past_another_reason_to_wait() -> None:
+    """read_now() lifts only the hold: a client at MAX_UNPUBLISHED stays unread."""
+    session, transport, hub = logged_in()
+    hub.holding = True
+    session.data_received(b"".join(b"line %d\n" % i for i in range(MAX_UNPUBLISHED)))
+    assert transport.paused
+    session.read_now()
+    assert transport.paused
+    assert "resume_reading" not in transport.calls
 
 
 def test_published_false_writes_an_error_line() -> None:
