@@ -8,6 +8,7 @@ run reports latency, loss, duplicates and order violations for every delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ class Stats:
         self.deliveries = self.duplicates_or_reordered = self.notices = 0
         self.target = 0
         self.reached.clear()
+
+    async def wait_for(self, target: int, patience: float) -> None:
+        """Wait until ``target`` deliveries have come, or ``patience`` seconds have passed
+        (what has not come by then counts as lost)."""
+        self.target = target
+        if self.deliveries >= target:
+            self.reached.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(patience):
+                await self.reached.wait()
 
 
 class LoadClient(asyncio.Protocol):

@@ -189,14 +189,7 @@ async def _serve(
 
 
 async def _drain(stats: Stats, target: int, patience: float) -> tuple[int, int, bytes]:
-    stats.target = target
-    if stats.deliveries >= target:
-        stats.reached.set()
-    try:
-        async with asyncio.timeout(patience):
-            await stats.reached.wait()
-    except TimeoutError:
-        pass  # what did not arrive by now counts as lost
+    await stats.wait_for(target, patience)
     return stats.deliveries, stats.duplicates_or_reordered, stats.latencies_us.tobytes()
 
 

@@ -152,6 +152,14 @@ def busy_room(
     return room, members, counts
 
 
+def now_and_waiting(room: Room, clock: Clock, waiting: str) -> None:
+    """In a busy room: a line written at once (the last window is over), then one that
+    waits for the next."""
+    room.deliver_batch([ChatMessage("4-0", "bot", "now")])
+    clock.now += 0.001
+    room.deliver_batch([ChatMessage("4-1", "bot", waiting)])
+
+
 async def test_a_room_of_people_writes_every_line_at_once(
     clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -204,9 +212,7 @@ async def test_a_busy_room_writes_what_waits_before_a_members_own_leave(
     others get the lines, then the leave notice."""
     timers = Timers(monkeypatch)
     room, (a, b), _ = busy_room(clock, timers, "a", "b")
-    room.deliver_batch([ChatMessage("4-0", "bot", "now")])
-    clock.now += 0.001
-    room.deliver_batch([ChatMessage("4-1", "bot", "before the leave")])
+    now_and_waiting(room, clock, "before the leave")
     room.expect_leave(b)
     room.deliver_batch([left(b, "4-2"), ChatMessage("4-3", "bot", "after the leave")])
     assert b.output == chat_line("bot", "now") + chat_line("bot", "before the leave")
@@ -227,9 +233,7 @@ async def test_a_busy_room_does_not_give_a_newcomer_what_came_before_its_join(
 ) -> None:
     timers = Timers(monkeypatch)
     room, (a,), _ = busy_room(clock, timers, "a")
-    room.deliver_batch([ChatMessage("4-0", "bot", "now")])
-    clock.now += 0.001
-    room.deliver_batch([ChatMessage("4-1", "bot", "before the join")])
+    now_and_waiting(room, clock, "before the join")
     newcomer = FakeMember("n")
     admitted = room.expect(newcomer)
     room.deliver_batch([joined(newcomer, "4-2"), ChatMessage("4-3", "bot", "after the join")])
@@ -254,9 +258,7 @@ async def test_a_room_past_its_notice_limit_keeps_the_order_of_joins_and_leaves_
     came before its join."""
     timers = Timers(monkeypatch)
     room, (a, b, c), _ = busy_room(clock, timers, "a", "b", "c", notice_limit=1)
-    room.deliver_batch([ChatMessage("4-0", "bot", "now")])
-    clock.now += 0.001
-    room.deliver_batch([ChatMessage("4-1", "bot", "before")])
+    now_and_waiting(room, clock, "before")
     room.expect_leave(b)
     newcomer = FakeMember("n")
     room.expect(newcomer)
@@ -278,9 +280,7 @@ async def test_a_gateway_notice_and_a_shutdown_come_after_what_waits(
 ) -> None:
     timers = Timers(monkeypatch)
     room, (a,), counts = busy_room(clock, timers, "a")
-    room.deliver_batch([ChatMessage("4-0", "bot", "now")])
-    clock.now += 0.001
-    room.deliver_batch([ChatMessage("4-1", "bot", "waiting")])
+    now_and_waiting(room, clock, "waiting")
     room.notify_all("the gateway says")
     assert a.output == (
         chat_line("bot", "now") + chat_line("bot", "waiting") + notice_line("the gateway says")
