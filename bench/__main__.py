@@ -71,7 +71,10 @@ def _print_runs(runs: list[scenarios.Run], targets: list[str] | None = None) -> 
             f"{r.max_ms:>9.1f}{r.lost:>7}{r.duplicates_or_reordered:>8}"
             f"{_us(r.server_cpu_us_per_delivery):>10}{_us(r.all_cpu_us_per_delivery):>10}"
         )
-        click.echo(f"{'':<{len(lead) + 9}}cpu: {_cpu_line(r.cpu_seconds)}")
+        bound = (
+            f"  (generator-bound: {r.generator_load:.0%} of its cores)" if r.generator_bound else ""
+        )
+        click.echo(f"{'':<{len(lead) + 9}}cpu: {_cpu_line(r.cpu_seconds)}{bound}")
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -296,6 +299,7 @@ def main(
 
     async def saturation() -> None:
         best_rates: list[int] = []
+        limited: list[bool] = []
         all_runs: list[scenarios.Run] = []
         row_targets: list[str] = []
         by_target: dict[str, list[scenarios.Run]] = {}
@@ -310,21 +314,30 @@ def main(
                 cluster.stop()
             sustained = round(best.deliveries_per_s) if best else 0
             best_rates.append(sustained)
+            limited.append(scenarios.limited_by_generator(runs, best))
             by_target[target] = runs
             all_runs += runs
             row_targets += [target] * len(runs)
             put(target, "saturation", {
                 "steps": [r.as_dict() for r in runs],
                 "sustainable_deliveries_per_s": sustained,
+                "limited_by_generator": limited[-1],
             })  # fmt: skip
         click.echo("\nsaturation")
         _print_runs(all_runs, row_targets if compare else None)
-        for target, sustained in zip(targets, best_rates, strict=True):
+        for target, sustained, by_generator in zip(targets, best_rates, limited, strict=True):
             who = f" ({target})" if compare else ""
-            click.echo(f"highest sustainable{who}: {sustained} deliveries/s")
+            why = (
+                " (the load generator's limit, not the server's: see --generators)"
+                if by_generator
+                else ""
+            )
+            click.echo(f"highest sustainable{who}: {sustained} deliveries/s{why}")
         if compare:
             ratios["saturation"] = {
                 "sustainable_deliveries_per_s": _ratio(best_rates[0], best_rates[1]),
+                # Both true: the two rates are the generator's, whatever the ratio says.
+                "limited_by_generator": limited,
                 # Step by step as far as both went (one may have stopped sooner).
                 "steps": [
                     _compare(ours, theirs)

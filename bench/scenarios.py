@@ -21,6 +21,9 @@ LOGIN_TIMEOUT = 30.0
 #: The label of the load generator's own CPU in a run's ``cpu_seconds``; every other label
 #: is a server process (a gateway, a Redis, the classroom server).
 GENERATOR = "generator"
+#: Share of its cores (one per generator process) above which the load generator, not the
+#: server, is taken to be what limits a step: past it, it reads late whatever the server.
+GENERATOR_BOUND = 0.8
 
 
 def server_cpu_us(cpu_seconds: dict[str, float], count: int) -> float | None:
@@ -70,10 +73,28 @@ class Run:
     lost: int
     duplicates_or_reordered: int
     cpu_seconds: dict[str, float]
+    #: Processes the load generator ran as (its CPU is theirs together).
+    generators: int = 1
 
     @property
     def deliveries_per_s(self) -> float:
         return self.deliveries / self.seconds if self.seconds else 0.0
+
+    @property
+    def generator_load(self) -> float | None:
+        """The generator's CPU over the run as a share of its cores (1.0: every process of
+        it busy throughout); None if unknown."""
+        cpu = self.cpu_seconds.get(GENERATOR)
+        if cpu is None or not self.seconds:
+            return None
+        return round(cpu / (self.seconds * self.generators), 2)
+
+    @property
+    def generator_bound(self) -> bool:
+        """Whether the generator was busy enough to be this run's limit
+        (:data:`GENERATOR_BOUND`)."""
+        load = self.generator_load
+        return load is not None and load >= GENERATOR_BOUND
 
     @property
     def server_cpu_us_per_delivery(self) -> float | None:
@@ -90,7 +111,18 @@ class Run:
         out["deliveries_per_s"] = round(self.deliveries_per_s)
         out["server_cpu_us_per_delivery"] = self.server_cpu_us_per_delivery
         out["all_cpu_us_per_delivery"] = self.all_cpu_us_per_delivery
+        out["generator_load"] = self.generator_load
+        out["generator_bound"] = self.generator_bound
         return out
+
+
+def limited_by_generator(runs: list[Run], best: Run | None) -> bool:
+    """Whether a saturation ramp stopped at the load generator's limit, not the server's:
+    the step that ended it had the generator busy (:attr:`Run.generator_bound`). The
+    server's own limit is then higher than the sustainable rate found, by an unknown
+    amount, and two servers stopped so compare only their generators (``--generators``
+    gives it more processes). False if no step ended the ramp (it ran out of steps)."""
+    return bool(runs) and runs[-1] is not best and runs[-1].generator_bound
 
 
 async def _measure(
@@ -129,10 +161,11 @@ def _run(
     elapsed: float,
     before: dict[str, float],
     after: dict[str, float],
+    generators: int = 1,
 ) -> Run:
     """A run's figures from what the receivers ``seen``: deliveries, duplicates or
     reordered, latencies (µs); and the CPU seconds of each process ``before`` and
-    ``after``."""
+    ``after`` (the generator's over ``generators`` processes)."""
     deliveries, duplicates, latencies_us = seen
     latencies = sorted(latencies_us)
     return Run(
@@ -151,6 +184,7 @@ def _run(
         lost=max(0, expected - deliveries + duplicates),
         duplicates_or_reordered=duplicates,
         cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
+        generators=generators,
     )
 
 
@@ -173,7 +207,7 @@ async def _sharded_step(
     seen = (pooled.deliveries, pooled.duplicates_or_reordered, pooled.latencies_us)
     return _run(
         name, clients, senders, rate * senders, sent, sent * clients, seen, elapsed, before,
-        cpu(),
+        cpu(), generators=len(shards.sizes),
     )  # fmt: skip
 
 

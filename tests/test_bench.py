@@ -6,6 +6,7 @@ and --plot writes a PNG."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import sys
@@ -169,6 +170,7 @@ async def test_the_load_generator_over_two_processes_drives_the_classroom_server
         assert run.deliveries == run.expected_deliveries == run.sent * 6
         assert (run.lost, run.duplicates_or_reordered) == (0, 0)
         assert run.p99_ms > 0
+        assert run.generators == 2
     assert best is runs[1]
 
 
@@ -300,6 +302,56 @@ def test_comparing_gives_both_cpu_ratios_classroom_over_gateways(
     assert ratios == {"p99": 1.0, "server_cpu_us_per_delivery": 0.5, "all_cpu_us_per_delivery": 1.0}
     out = capsys.readouterr().out
     assert "server CPU per delivery x0.5, all CPU per delivery (generator included) x1" in out
+
+
+@pytest.mark.parametrize(
+    ("generator_cpu", "seconds", "generators", "load", "bound"),
+    [
+        (4.5, 5.0, 1, 0.9, True),
+        (2.0, 5.0, 1, 0.4, False),
+        (4.0, 5.0, 1, 0.8, True),  # the line itself counts as bound
+        (8.0, 5.0, 2, 0.8, True),  # two processes: their CPU over two cores
+        (4.5, 5.0, 2, 0.45, False),
+    ],
+)
+def test_a_run_is_generator_bound_when_the_generator_kept_its_cores_busy(
+    generator_cpu: float, seconds: float, generators: int, load: float, bound: bool
+) -> None:
+    run = dataclasses.replace(
+        _run({"gateway 1": 1.0, "generator": generator_cpu}, 1000),
+        seconds=seconds,
+        generators=generators,
+    )
+    assert (run.generator_load, run.generator_bound) == (load, bound)
+    assert (run.as_dict()["generator_load"], run.as_dict()["generator_bound"]) == (load, bound)
+
+
+def test_a_run_without_the_generators_cpu_is_not_generator_bound() -> None:
+    run = _run({"classroom": 1.0}, 1000)
+    assert (run.generator_load, run.generator_bound) == (None, False)
+
+
+def _step(generator_cpu: float) -> scenarios.Run:
+    return dataclasses.replace(_run({"redis": 0.2, "generator": generator_cpu}, 1000), seconds=5.0)
+
+
+def test_a_ramp_stopped_by_a_busy_generator_is_the_generators_limit() -> None:
+    """The step that ended the ramp decides: a busy generator there means the server's own
+    limit was never reached; a step that failed with the generator idle is the server's
+    limit; a ramp that ran out of steps was stopped by neither."""
+    quiet, busy = _step(1.0), _step(4.6)
+    assert scenarios.limited_by_generator([quiet, busy], best=quiet)
+    assert not scenarios.limited_by_generator([quiet, _step(2.0)], best=quiet)
+    assert not scenarios.limited_by_generator([quiet, busy], best=busy)  # out of steps
+    assert scenarios.limited_by_generator([busy], best=None)
+    assert not scenarios.limited_by_generator([], best=None)
+
+
+def test_a_generator_bound_step_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    bench_main._print_runs([_step(1.0), _step(4.6)])
+    quiet, busy = capsys.readouterr().out.splitlines()[2::2]
+    assert "generator-bound" not in quiet
+    assert busy.endswith("generator 4.6s  (generator-bound: 92% of its cores)")
 
 
 def test_the_plot_is_a_png(tmp_path: Path) -> None:
