@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from broker import BrokerError, connect
+from gateway.batching import BUSY_RATE
 from gateway.config import GatewayConfig
 from gateway.errors import StartupError, TlsError
 from gateway.server import Gateway
@@ -228,9 +229,19 @@ async def serve(config: GatewayConfig) -> None:
     show_envvar=True,
     default=0.02,
     type=click.FloatRange(0, 1),
-    help="Seconds a busy room's lines (over 500 messages a second) wait, at most, to go "
-    "out together, and the gateway's messages to Redis likewise when its users send over "
-    "500 a second in all: fewer writes under load (0: every line goes out at once).",
+    help="Seconds a busy room's lines (over --batch-rate messages a second) wait, at most, "
+    "to go out together, and the gateway's messages to Redis likewise when its users send "
+    "over that rate in all: fewer writes under load (0: every line goes out at once).",
+)
+@click.option(
+    "--batch-rate",
+    envvar="CHAT_BATCH_RATE",
+    show_envvar=True,
+    default=BUSY_RATE,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Messages a second above which a room, or a gateway's publishing, is busy and "
+    "goes out once per --batch-window: lower, less CPU per line under load, each line up "
+    "to a window later.",
 )
 @click.option(
     "--max-clients",
@@ -291,6 +302,7 @@ def main(
     rate_limit: float,
     rate_burst: int,
     batch_window: float,
+    batch_rate: float,
     max_clients: int,
     max_per_address: int,
     keepalive: tuple[int, int, int],
@@ -316,6 +328,7 @@ def main(
         rate_limit=rate_limit,
         rate_burst=rate_burst,
         batch_window=batch_window,
+        batch_rate=batch_rate,
         max_clients=max_clients,
         max_per_address=max_per_address,
         keepalive_idle=keepalive[0],

@@ -9,6 +9,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.batching import BUSY_RATE
+
 #: Docker's embedded DNS server, which every container on a user-defined network (Compose
 #: always makes one) finds in its /etc/resolv.conf. It answers a reverse lookup of a
 #: container's address with the container's name.
@@ -134,10 +136,11 @@ class GatewayConfig:
     #: input is not dropped: it waits, unread, until the client's turn comes again.
     rate_limit: float = 10.0
     rate_burst: int = 20
-    #: Seconds a busy room's lines (over gateway.batching.BUSY_RATE messages a second) may
-    #: wait to go out to its members together, and this gateway's messages to Redis
-    #: likewise when its users send over that rate in all (0: everything goes out at once).
+    #: Seconds a busy room's lines (over ``batch_rate`` messages a second) may wait to go
+    #: out to its members together, and this gateway's messages to Redis likewise when its
+    #: users send over that rate in all (0: everything goes out at once).
     batch_window: float = 0.02
+    batch_rate: float = BUSY_RATE
     #: Connections this gateway accepts (0: no limit) and per client address (0: no limit).
     #: Generous per address: a classroom or an office shares one NAT address.
     max_clients: int = 10_000

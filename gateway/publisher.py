@@ -20,7 +20,7 @@ from typing import Protocol
 
 from broker import BrokerUnavailable, RedisBroker
 from broker.events import encode_leave, encode_message
-from gateway.batching import Pacer
+from gateway.batching import BUSY_RATE, Pacer
 from gateway.metrics import Counts
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,16 @@ class Publisher:
         gateway: str = "",
         counts: Counts | None = None,
         batch_window: float = 0.0,
+        batch_rate: float = BUSY_RATE,
     ) -> None:
-        """``batch_window``: seconds a busy gateway waits between two publishing calls, at
-        most (0: never waits)."""
+        """``batch_window``: seconds a busy gateway (its users sending over ``batch_rate``
+        messages a second in all) waits between two publishing calls, at most (0: never
+        waits)."""
         self._broker = broker
         self._gateway = gateway
         self._counts = counts if counts is not None else Counts()
         self._queue: deque[_Item] = deque()
-        self._pacer = Pacer(batch_window)
+        self._pacer = Pacer(batch_window, batch_rate)
         #: Clients whose input waits for the next batch: read just before it goes.
         self._held: set[Reader] = set()
         self._wakeup = asyncio.Event()

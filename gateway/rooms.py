@@ -44,7 +44,7 @@ from chatwire.texts import (
     notice_line,
     summary_text,
 )
-from gateway.batching import Pacer
+from gateway.batching import BUSY_RATE, Pacer
 from gateway.metrics import Counts
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class Room:
         notice_limit: int = 0,
         counts: Counts | None = None,
         batch_window: float = 0.0,
+        batch_rate: float = BUSY_RATE,
     ) -> None:
         self.key = key
         #: Where deliveries and latencies are counted (the gateway's; its own when alone).
@@ -133,7 +134,7 @@ class Room:
         self._last_key: tuple[int, int] = (-1, -1)
         #: Lines for every member waiting for the batch window (a busy room's), the chat
         #: messages among them, the first one's milliseconds, and the timer to write them.
-        self._pacer = Pacer(batch_window)
+        self._pacer = Pacer(batch_window, batch_rate)
         self._out: list[bytes] = []
         self._out_messages = 0
         self._out_first = 0
@@ -384,12 +385,18 @@ class Rooms:
     """The rooms this gateway hosts (those with local members, or about to have some)."""
 
     def __init__(
-        self, notice_limit: int = 0, counts: Counts | None = None, batch_window: float = 0.0
+        self,
+        notice_limit: int = 0,
+        counts: Counts | None = None,
+        batch_window: float = 0.0,
+        batch_rate: float = BUSY_RATE,
     ) -> None:
         self.notice_limit = notice_limit
         self.counts = counts if counts is not None else Counts()
-        #: Seconds a busy room's lines may wait to go out together (0: never).
+        #: Seconds a busy room's lines may wait to go out together (0: never), and the
+        #: messages a second above which a room is busy.
         self.batch_window = batch_window
+        self.batch_rate = batch_rate
         self._rooms: dict[str, Room] = {}
 
     def __iter__(self) -> Iterator[Room]:
@@ -405,7 +412,7 @@ class Rooms:
         """The room ``key``, made if this gateway did not host it yet."""
         room = self._rooms.get(key)
         if room is None:
-            room = Room(key, self.notice_limit, self.counts, self.batch_window)
+            room = Room(key, self.notice_limit, self.counts, self.batch_window, self.batch_rate)
             self._rooms[key] = room
         return room
 

@@ -104,8 +104,10 @@ class Gateway:
         #: Tallies for GET /metrics, counted where they happen (gateway/metrics.py).
         self.counts = Counts()
         self.metrics = GatewayMetrics(self.id, self.snapshot, self.counts)
-        self.rooms = Rooms(config.notice_limit, self.counts, config.batch_window)
-        self.publisher = Publisher(broker, self.id, self.counts, config.batch_window)
+        self.rooms = Rooms(config.notice_limit, self.counts, config.batch_window, config.batch_rate)
+        self.publisher = Publisher(
+            broker, self.id, self.counts, config.batch_window, config.batch_rate
+        )
         self.relay = Relay(broker, self.id, self.rooms, self._inbox, self._service, self.counts)
         self.liveness = Liveness(self)
         self.commands = Commands(self)

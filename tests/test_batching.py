@@ -10,12 +10,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
 
 from broker import ChatMessage
 from broker.events import encode_message
 from chatwire.texts import chat_line, joined_text, notice_line
+from gateway import cli as gateway_cli
 from gateway import rooms as rooms_module
 from gateway.batching import BUSY_RATE, RATE_PERIOD, Pacer
+from gateway.config import GatewayConfig
 from gateway.metrics import Counts
 from gateway.publisher import Publisher
 from gateway.rooms import Room
@@ -36,6 +39,41 @@ class Clock:
 
     def time(self) -> float:
         return time.time()
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "rate"),
+    [
+        ([], {}, BUSY_RATE),
+        ([], {"CHAT_BATCH_RATE": "100"}, 100.0),
+        (["--batch-rate", "50.5"], {"CHAT_BATCH_RATE": "100"}, 50.5),  # the flag wins
+    ],
+)
+def test_the_batch_rate_comes_from_its_flag_or_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str], rate: float
+) -> None:
+    started: list[GatewayConfig] = []
+
+    async def serve(config: GatewayConfig) -> None:
+        started.append(config)
+
+    monkeypatch.setattr(gateway_cli, "serve", serve)
+    monkeypatch.setattr(gateway_cli, "configure_logging", lambda *_: None)
+    monkeypatch.delenv("CHAT_BATCH_RATE", raising=False)
+    result = CliRunner().invoke(gateway_cli.main, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert [config.batch_rate for config in started] == [rate]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "fast"])
+def test_a_batch_rate_that_is_no_rate_is_refused_in_one_line(value: str) -> None:
+    result = CliRunner().invoke(gateway_cli.main, [], env={"CHAT_BATCH_RATE": value})
+    assert result.exit_code == 2
+    assert "Invalid value for '--batch-rate'" in result.output
+    assert "Traceback" not in result.output
 
 
 # -- the pacer -----------------------------------------------------------------------------
@@ -64,6 +102,16 @@ def test_a_busy_stream_goes_out_at_most_once_per_window_the_first_at_once() -> N
     pacer.sent(RATE_PERIOD)
     assert pacer.due(RATE_PERIOD + 0.001) == pytest.approx(RATE_PERIOD + WINDOW)
     assert pacer.due(RATE_PERIOD + WINDOW + 0.005) == RATE_PERIOD + WINDOW + 0.005
+
+
+@pytest.mark.parametrize("rate", [50.0, 2000.0])
+def test_a_pacer_is_busy_over_its_own_rate(rate: float) -> None:
+    """``--batch-rate``: the line is the pacer's rate, whatever the default."""
+    for messages, busy in ((int(rate * RATE_PERIOD), False), (int(rate * RATE_PERIOD) + 1, True)):
+        pacer = Pacer(WINDOW, rate)
+        pacer.arrived(1, 0.0)
+        pacer.arrived(messages, RATE_PERIOD)
+        assert pacer.busy is busy, (messages, rate)
 
 
 def test_a_quiet_spell_ends_the_pacing() -> None:
@@ -179,6 +227,36 @@ async def test_a_room_of_people_writes_every_line_at_once(
     assert timers.pending() == []
     assert counts.batches_delayed == 0
     assert counts.deliveries == 50 * 2
+
+
+@pytest.mark.parametrize(("batch_rate", "batched"), [(BUSY_RATE, False), (100.0, True)])
+async def test_a_room_is_busy_over_the_gateways_batch_rate(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, batch_rate: float, batched: bool
+) -> None:
+    """300 messages a second, the fixed benchmark's room: written line by line under the
+    default rate; over a lower ``--batch-rate``, in batches a window apart (after the
+    period that finds it busy), every line still written once and in order."""
+    timers = Timers(monkeypatch)
+    counts = Counts()
+    room = Room("#lobby", counts=counts, batch_window=WINDOW, batch_rate=batch_rate)
+    a = FakeMember("a")
+    enter(room, a, "1-0")
+    a.written.clear()
+    for n in range(150):  # half a second
+        room.deliver_batch([ChatMessage(f"2-{n}", "ana", f"line {n}")])
+        clock.now += 1 / 300
+        if timers.pending() and clock.now >= room._pacer._last_out + WINDOW:
+            timers.fire()
+    timers.fire()
+    assert b"".join(a.written) == b"".join(chat_line("ana", f"line {n}") for n in range(150))
+    assert counts.deliveries == 150
+    if batched:
+        # Line by line for the first period (30 lines), then about one write per window.
+        assert len(a.written) <= 30 + 0.4 / WINDOW + 2, len(a.written)
+        assert counts.batches_delayed > 0
+    else:
+        assert len(a.written) == 150
+        assert counts.batches_delayed == 0
 
 
 async def test_a_busy_room_writes_what_came_in_a_window_in_one_write(
@@ -339,15 +417,23 @@ async def feed(publisher: Publisher, sender: Sender, count: int, rate: float) ->
 
 
 @pytest.mark.parametrize(
-    ("window", "rate"), [(0.05, 4 * BUSY_RATE), (0.05, BUSY_RATE / 5), (0.0, 4 * BUSY_RATE)]
+    ("window", "rate", "batch_rate"),
+    [
+        (0.05, 4 * BUSY_RATE, BUSY_RATE),
+        (0.05, BUSY_RATE / 5, BUSY_RATE),
+        (0.05, BUSY_RATE / 5, BUSY_RATE / 10),  # a lower --batch-rate
+        (0.0, 4 * BUSY_RATE, BUSY_RATE),
+    ],
 )
-async def test_a_busy_gateway_publishes_at_most_once_per_window(window: float, rate: float) -> None:
-    """A gateway sending more than the busy rate waits a window between script calls, each
+async def test_a_busy_gateway_publishes_at_most_once_per_window(
+    window: float, rate: float, batch_rate: float
+) -> None:
+    """A gateway sending more than its batch rate waits a window between script calls, each
     carrying what came meanwhile; under it, or with no window, every message goes at once.
     Every message goes out, once, in order."""
     broker = RecordingBroker()
     counts = Counts()
-    publisher = Publisher(broker, "gw", counts, batch_window=window)  # type: ignore[arg-type]
+    publisher = Publisher(broker, "gw", counts, window, batch_rate)  # type: ignore[arg-type]
     worker = asyncio.create_task(publisher.run())
     sender = Sender()
     count = int(rate * 0.4)  # 0.4 s of it: long enough to be measured and paced
@@ -360,7 +446,7 @@ async def test_a_busy_gateway_publishes_at_most_once_per_window(window: float, r
     bodies = [body for _, batch in broker.calls for body in batch]
     assert bodies == [encode_message("bot", f"m{n}") for n in range(count)]
     assert sender.published_count == count
-    if window and rate > BUSY_RATE:
+    if window and rate > batch_rate:
         # Busy after its first period: from then on calls are a window apart, each
         # carrying what came meanwhile.
         last = broker.calls[-5:]

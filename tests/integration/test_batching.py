@@ -1,6 +1,7 @@
 """Batching under load on real chat-gateway processes sharing a real Redis: a room carrying
-more than 500 messages a second is written in far fewer, fuller writes, every line still
-reaching everyone once and in order; a room of people is never held back."""
+more than 500 messages a second (or ``--batch-rate``) is written in far fewer, fuller
+writes, every line still reaching everyone once and in order; a room of people is never
+held back."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ LINES, CHUNK, TICK = 1000, 10, 0.01
 WINDOW = 0.05
 
 
-async def flood(client: ChatClient) -> None:
+async def flood(client: ChatClient, chunk: int = CHUNK) -> None:
+    """LINES lines, ``chunk`` every TICK seconds."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    for n in range(0, LINES, CHUNK):
-        await client.send("".join(f"bot line {i}\n" for i in range(n, n + CHUNK)))
-        await asyncio.sleep(max(0.0, start + (n // CHUNK + 1) * TICK - loop.time()))
+    for n in range(0, LINES, chunk):
+        await client.send("".join(f"bot line {i}\n" for i in range(n, min(n + chunk, LINES))))
+        await asyncio.sleep(max(0.0, start + (n // chunk + 1) * TICK - loop.time()))
 
 
 async def read_all(client: ChatClient) -> list[str]:
@@ -89,3 +91,38 @@ async def test_a_flooded_room_is_written_in_batches_and_a_chatting_one_never_wai
     else:
         assert delayed == [0, 0]
         assert delayed == [0, 0]
+
+
+@pytest.mark.parametrize("batch_rate", [None, "100"])
+async def test_a_lower_batch_rate_batches_a_room_the_default_leaves_alone(
+    cluster: Cluster, batch_rate: str | None
+) -> None:
+    """300 lines a second, under the default batch rate: written as they come, nothing
+    waits. With ``--batch-rate 100`` the same room is busy: written in batches, every line
+    still reaching bob on the other gateway once and in order."""
+    extra = ["--batch-rate", batch_rate] if batch_rate else []
+    _, gw2 = await cluster.start(
+        2, "--health-port", "0", "--rate-limit", "0", "--batch-window", str(WINDOW), *extra
+    )
+    bob = await cluster.user(1, "bob")
+    bot = await cluster.user(0, "bot")
+    await bob.expect("* bot joined the chat")
+    before = await scrape(gw2.health_port)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    _, bob_got = await asyncio.gather(flood(bot, chunk=3), read_all(bob))
+    took = loop.time() - start
+    assert bob_got == [f"bot: bot line {i}" for i in range(LINES)]
+    after = await scrape(gw2.health_port)
+    writes = after.value("chat_delivery_latency_seconds_count") - before.value(
+        "chat_delivery_latency_seconds_count"
+    )
+    delayed = after.value("chat_batches_delayed_total")
+    chunks = -(-LINES // 3)
+    if batch_rate:
+        assert delayed > 0
+        most = (RATE_PERIOD + 0.05) / TICK + took / WINDOW + 2
+        assert writes <= most < chunks * 0.6, (writes, most)
+    else:
+        assert delayed == 0
+        assert writes >= chunks * 0.6, writes  # about one per chunk the bot sent
