@@ -4,6 +4,7 @@ flooder, a login storm."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from array import array
 from collections.abc import Awaitable, Callable
@@ -75,19 +76,15 @@ class Run:
     cpu_seconds: dict[str, float]
     #: Processes the load generator ran as (its CPU is theirs together).
     generators: int = 1
+    #: 1 in how many clients checked order and measured latency (the others counted).
+    check_every: int = 1
+    #: The generator's CPU while it sent, as a share of its cores (1.0: every process of
+    #: it busy throughout); None if unknown.
+    generator_load: float | None = None
 
     @property
     def deliveries_per_s(self) -> float:
         return self.deliveries / self.seconds if self.seconds else 0.0
-
-    @property
-    def generator_load(self) -> float | None:
-        """The generator's CPU over the run as a share of its cores (1.0: every process of
-        it busy throughout); None if unknown."""
-        cpu = self.cpu_seconds.get(GENERATOR)
-        if cpu is None or not self.seconds:
-            return None
-        return round(cpu / (self.seconds * self.generators), 2)
 
     @property
     def generator_bound(self) -> bool:
@@ -111,7 +108,6 @@ class Run:
         out["deliveries_per_s"] = round(self.deliveries_per_s)
         out["server_cpu_us_per_delivery"] = self.server_cpu_us_per_delivery
         out["all_cpu_us_per_delivery"] = self.all_cpu_us_per_delivery
-        out["generator_load"] = self.generator_load
         out["generator_bound"] = self.generator_bound
         return out
 
@@ -140,13 +136,14 @@ async def _measure(
     before = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
     started = time.monotonic()
     sent, expected = await send()
+    sending = (time.monotonic() - started, self_cpu_seconds() - before[GENERATOR])
     await stats.wait_for(expected, DRAIN_TIMEOUT)
     elapsed = time.monotonic() - started
     after = cluster.cpu() | {GENERATOR: self_cpu_seconds()}
     return _run(
         name, clients, senders, offered, sent, expected,
         (stats.deliveries, stats.duplicates_or_reordered, stats.latencies_us),
-        elapsed, before, after,
+        elapsed, before, after, sending=sending,
     )  # fmt: skip
 
 
@@ -162,12 +159,17 @@ def _run(
     before: dict[str, float],
     after: dict[str, float],
     generators: int = 1,
+    sending: tuple[float, float] | None = None,
 ) -> Run:
     """A run's figures from what the receivers ``seen``: deliveries, duplicates or
     reordered, latencies (µs); and the CPU seconds of each process ``before`` and
-    ``after`` (the generator's over ``generators`` processes)."""
+    ``after`` (the generator's over ``generators`` processes). ``sending``: how long the
+    generator sent, and its CPU seconds meanwhile."""
     deliveries, duplicates, latencies_us = seen
     latencies = sorted(latencies_us)
+    load = None
+    if sending is not None and sending[0] > 0:
+        load = round(sending[1] / (sending[0] * generators), 2)
     return Run(
         name=name,
         clients=clients,
@@ -185,6 +187,7 @@ def _run(
         duplicates_or_reordered=duplicates,
         cpu_seconds={k: round(after[k] - before[k], 2) for k in before},
         generators=generators,
+        generator_load=load,
     )
 
 
@@ -202,12 +205,13 @@ async def _sharded_step(
     before = cpu()
     started = time.monotonic()
     sent = await shards.send(rate, duration)
+    sending = (time.monotonic() - started, cpu()[GENERATOR] - before[GENERATOR])
     pooled = await shards.drain(sent, DRAIN_TIMEOUT)
     elapsed = time.monotonic() - started
     seen = (pooled.deliveries, pooled.duplicates_or_reordered, pooled.latencies_us)
     return _run(
         name, clients, senders, rate * senders, sent, sent * clients, seen, elapsed, before,
-        cpu(), generators=len(shards.sizes),
+        cpu(), generators=len(shards.sizes), sending=sending,
     )  # fmt: skip
 
 
@@ -284,14 +288,19 @@ async def saturation(
     step_seconds: float,
     max_p99_ms: float = 100.0,
     generators: int = 1,
+    check_every: int = 1,
 ) -> tuple[list[Run], Run | None]:
     """Step the offered rate up until loss appears or p99 passes ``max_p99_ms``; the best
     step without either is the sustainable rate. ``generators``: the load generator's
-    processes (:mod:`bench.shards`; 1: this one alone)."""
+    processes (:mod:`bench.shards`; 1: this one alone). ``check_every``: 1 in how many
+    clients checks order and measures latency; the others only count what they get
+    (a cheaper generator: every delivery is still counted)."""
     step: Callable[[str, float], Awaitable[Run]]
     close: Callable[[], Awaitable[None]]
     if generators > 1:
-        shards = await Shards.start(generators, cluster.gateways, clients, senders, "s")
+        shards = await Shards.start(
+            generators, cluster.gateways, clients, senders, "s", check_every
+        )
 
         def step(name: str, rate: float) -> Awaitable[Run]:
             return _sharded_step(name, cluster, shards, senders, rate, step_seconds)
@@ -299,7 +308,9 @@ async def saturation(
         close = shards.stop
     else:
         stats = Stats()
-        pool = await connect_all(cluster.gateways, clients, stats, senders, "s")
+        pool = await connect_all(
+            cluster.gateways, clients, stats, senders, "s", check_every=check_every
+        )
         pacer = Senders(pool[:senders])
 
         def step(name: str, rate: float) -> Awaitable[Run]:
@@ -316,7 +327,7 @@ async def saturation(
         await asyncio.sleep(0.5)
         rate = start_rate
         for n in range(steps):
-            run = await step(f"step {n + 1}", rate)
+            run = dataclasses.replace(await step(f"step {n + 1}", rate), check_every=check_every)
             runs.append(run)
             if run.lost or run.duplicates_or_reordered or run.p99_ms > max_p99_ms:
                 break

@@ -48,11 +48,11 @@ class Shards:
     @classmethod
     async def start(
         cls, count: int, addresses: list[tuple[str, int]], clients: int, senders: int,
-        prefix: str,
+        prefix: str, check_every: int = 1,
     ) -> Shards:  # fmt: skip
         """Start ``count`` processes sharing ``clients`` clients (the first ``senders`` of
-        them senders), every one logged in when this returns; :class:`LoginFailed` if one
-        could not log its clients in."""
+        them senders; every ``check_every``-th a checked one), every one logged in when
+        this returns; :class:`LoginFailed` if one could not log its clients in."""
         context = multiprocessing.get_context("spawn")  # nothing of our event loop inherited
         processes: list[BaseProcess] = []
         pipes: list[Connection] = []
@@ -61,7 +61,9 @@ class Shards:
             ours, theirs = context.Pipe()
             indices = list(range(n, clients, count))
             process = context.Process(
-                target=_main, args=(theirs, addresses, indices, senders, prefix), daemon=True
+                target=_main,
+                args=(theirs, addresses, indices, senders, prefix, check_every),
+                daemon=True,
             )
             process.start()
             theirs.close()
@@ -146,25 +148,26 @@ async def _receive(pipe: Connection) -> Any:
 
 def _main(
     pipe: Connection, addresses: list[tuple[str, int]], indices: list[int], senders: int,
-    prefix: str,
+    prefix: str, check_every: int,
 ) -> None:  # fmt: skip
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(pipe, addresses, indices, senders, prefix))
+        asyncio.run(_serve(pipe, addresses, indices, senders, prefix, check_every))
     else:
-        uvloop.run(_serve(pipe, addresses, indices, senders, prefix))
+        uvloop.run(_serve(pipe, addresses, indices, senders, prefix, check_every))
 
 
 async def _serve(
     pipe: Connection, addresses: list[tuple[str, int]], indices: list[int], senders: int,
-    prefix: str,
+    prefix: str, check_every: int,
 ) -> None:  # fmt: skip
     stats = Stats()
     try:
         clients = await connect_all(
-            addresses, len(indices), stats, senders, prefix, indices=indices
-        )
+            addresses, len(indices), stats, senders, prefix, indices=indices,
+            check_every=check_every,
+        )  # fmt: skip
     except LoginFailed as exc:
         pipe.send(("failed", exc.failed, exc.total, exc.first))
         return

@@ -5,12 +5,15 @@ order the client produced them (a leave never overtakes the last message, a mess
 before ``/join`` lands in the room it was typed in). Consecutive messages go out in one
 script call per room, which is also what keeps Redis round trips per message low under load.
 A busy gateway (:mod:`gateway.batching`) also waits up to a window between two calls, so
-that each carries what came in meanwhile.
+that each carries what came in meanwhile; never longer than it takes a call to fill up, or
+a client to reach the most it may have waiting (:meth:`Publisher.hurry`): the window saves
+calls, it never limits how much gets through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -113,6 +116,8 @@ class Publisher:
         self._pacer = Pacer(batch_window, batch_rate)
         #: Clients whose input waits for the next batch: read just before it goes.
         self._held: set[Reader] = set()
+        #: Set when the next call should not wait for the window (:meth:`hurry`).
+        self._hurry = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -124,6 +129,13 @@ class Publisher:
         """Queue a chat line for ``room``; ``sender.published()`` is called once it is out
         (or refused)."""
         self._push(_Message(sender, room, encode_message(name, text)))
+        if len(self._queue) >= MAX_BATCH:
+            self._hurry.set()  # a full call's worth: waiting would save nothing
+
+    def hurry(self) -> None:
+        """A sender can take in nothing more until its lines are published: the next call
+        goes now, not at the end of the batch window."""
+        self._hurry.set()
 
     def release(
         self, session_id: str, key: str, name: str, rooms: tuple[str, ...], owed: bool = True
@@ -226,9 +238,12 @@ class Publisher:
         in the input held for it."""
         now = time.monotonic()
         due = self._pacer.due(now)
-        if due > now:
+        if due > now and not self._hurry.is_set():
             self._counts.batches_delayed += 1
-            await asyncio.sleep(due - now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(due - now):
+                    await self._hurry.wait()
+        self._hurry.clear()
         if self._held:
             held, self._held = self._held, set()
             for reader in held:

@@ -20,7 +20,7 @@ from gateway import rooms as rooms_module
 from gateway.batching import BUSY_RATE, RATE_PERIOD, Pacer
 from gateway.config import GatewayConfig
 from gateway.metrics import Counts
-from gateway.publisher import Publisher
+from gateway.publisher import MAX_BATCH, Publisher
 from gateway.rooms import Room
 from tests.support import T, Timers
 from tests.test_room import FakeMember, enter, joined, left
@@ -397,6 +397,23 @@ class RecordingBroker:
         return [f"{n}-0" for n in range(len(bodies))]
 
 
+class NotifyingBroker(RecordingBroker):
+    """A :class:`RecordingBroker` that says when a call comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = asyncio.Event()
+
+    async def publish(self, room: str, bodies: list[str]) -> list[str]:
+        self.called.set()
+        return await super().publish(room, bodies)
+
+    async def next_call(self) -> tuple[float, list[str]]:
+        self.called.clear()
+        await self.called.wait()
+        return self.calls[-1]
+
+
 class Sender:
     id = "s"
 
@@ -490,3 +507,38 @@ async def test_a_busy_gateway_reads_held_input_just_before_each_call() -> None:
         worker.cancel()
     assert reader.read_before == [calls]  # read once, before the call that followed
     assert broker.calls[-1][1][-1] == encode_message("bot", "last")
+
+
+@pytest.mark.parametrize("what", ["a full call", "a sender at its limit", "one line"])
+async def test_a_busy_gateway_holds_a_call_back_only_while_it_saves_something(
+    what: str,
+) -> None:
+    """Between two calls of a busy gateway, a call's worth of lines (MAX_BATCH), or a
+    sender that may send nothing more until its lines go (``hurry``), ends the wait at
+    once: the window saves calls, it does not cap what gets through. One line waits."""
+    window = 0.5
+    broker = NotifyingBroker()
+    publisher = Publisher(broker, "gw", Counts(), batch_window=window)  # type: ignore[arg-type]
+    worker = asyncio.create_task(publisher.run())
+    sender = Sender()
+    try:
+        async with asyncio.timeout(T):
+            fed = int(4 * BUSY_RATE * 0.3)
+            await feed(publisher, sender, fed, 4 * BUSY_RATE)  # busy from now on
+            while sender.published_count < fed:
+                await broker.next_call()
+            # All out, just now: the next call is a window away.
+            asked = time.monotonic()
+            count = MAX_BATCH if what == "a full call" else 1
+            for n in range(count):
+                publisher.message(sender, "#lobby", "bot", f"late {n}")
+            if what == "a sender at its limit":
+                publisher.hurry()
+            called, bodies = await broker.next_call()
+    finally:
+        worker.cancel()
+    assert len(bodies) == count
+    if what == "one line":
+        assert called - asked > window * 0.8
+    else:
+        assert called - asked < window * 0.2

@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from asyncio import StreamReader, StreamWriter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -154,15 +155,17 @@ async def test_the_load_generator_drives_the_classroom_server(
     assert (run.lost, run.duplicates_or_reordered) == (0, 0)
 
 
+@pytest.mark.parametrize("check_every", [1, 4])
 async def test_the_load_generator_over_two_processes_drives_the_classroom_server(
-    classroom: tuple[str, int],
+    classroom: tuple[str, int], check_every: int
 ) -> None:
     """Saturation with the generator over two processes: each holds half the clients and
     senders, yet every receiver gets every sender's messages in order, none twice (a
     sender numbered twice, or a process counting another's senders, would show up as
-    reordered or lost)."""
+    reordered or lost). With ``check_every``, the clients that only count still count
+    every delivery."""
     runs, best = await scenarios.saturation(
-        Cluster([classroom]), 6, 3, 20.0, 1.5, 2, 0.5, generators=2
+        Cluster([classroom]), 6, 3, 20.0, 1.5, 2, 0.5, generators=2, check_every=check_every
     )
     assert [run.name for run in runs] == ["step 1", "step 2"]
     for run, rate in zip(runs, (20.0, 30.0), strict=True):
@@ -170,8 +173,51 @@ async def test_the_load_generator_over_two_processes_drives_the_classroom_server
         assert run.deliveries == run.expected_deliveries == run.sent * 6
         assert (run.lost, run.duplicates_or_reordered) == (0, 0)
         assert run.p99_ms > 0
-        assert run.generators == 2
+        assert (run.generators, run.check_every) == (2, check_every)
     assert best is runs[1]
+
+
+#: A chat stream as one client gets it: lines, with a join and an error between them (and
+#: a "!" inside a notice, where a read may start).
+STREAM = (
+    b"s0: 0:1:5\n* bob joined the chat\ns1: 1:1:5\n! not delivered\ns2: 2:1:5\n"
+    b"* hello, everyone!\ns0: 0:2:5\n"
+)
+
+
+def _pieces() -> list[list[bytes]]:
+    """STREAM cut in two at every byte, and in pieces of a few sizes."""
+    halves = [[STREAM[:at], STREAM[at:]] for at in range(len(STREAM) + 1)]
+    sizes = [[STREAM[at : at + n] for at in range(0, len(STREAM), n)] for n in (1, 3, 7)]
+    return halves + sizes
+
+
+async def test_a_client_that_only_counts_counts_what_a_checking_one_reads() -> None:
+    """However the stream is cut into reads, an unchecked client counts the same chat
+    lines and notices as a checked one, and nothing more; it says when its target is
+    reached, and measures nothing."""
+    for pieces in _pieces():
+        seen = {}
+        for checked in (True, False):
+            stats = load.Stats(target=4)
+            client = load.LoadClient("c", stats, 3, checked=checked)
+            client.welcomed.set_result(None)
+            for piece in pieces:
+                client.data_received(piece)
+            seen[checked] = (stats.deliveries, stats.notices, stats.reached.is_set())
+            assert len(stats.latencies_us) == (4 if checked else 0)
+        assert seen[True] == seen[False] == (4, 3, True), pieces
+
+
+async def test_connect_all_checks_one_client_in_n(classroom: tuple[str, int]) -> None:
+    """Client 0 and every ``check_every``-th after it check what they get."""
+    clients = await load.connect_all([classroom], 7, load.Stats(), 1, "c", check_every=3)
+    try:
+        assert [c.checked for c in clients] == [True, False, False, True, False, False, True]
+    finally:
+        for client in clients:
+            assert client.transport is not None
+            client.transport.close()
 
 
 async def test_clients_come_back_spread_in_order_whichever_logged_in_first() -> None:
@@ -314,25 +360,29 @@ def test_comparing_gives_both_cpu_ratios_classroom_over_gateways(
         (4.5, 5.0, 2, 0.45, False),
     ],
 )
-def test_a_run_is_generator_bound_when_the_generator_kept_its_cores_busy(
+def test_a_run_is_generator_bound_when_the_generator_kept_its_cores_busy_sending(
     generator_cpu: float, seconds: float, generators: int, load: float, bound: bool
 ) -> None:
-    run = dataclasses.replace(
-        _run({"gateway 1": 1.0, "generator": generator_cpu}, 1000),
-        seconds=seconds,
-        generators=generators,
-    )
+    """The generator's load is its CPU while it sent, over that time: a step that then
+    waits seconds for deliveries that never come (its drain) does not dilute it."""
+    cpu = {"gateway 1": 1.0, "generator": generator_cpu + 0.1}  # 0.1 s more, draining
+    run = scenarios._run(
+        "step 1", 10, 1, 10.0, 100, 1000, (1000, 0, array("Q", [1000])), seconds + 5.0,
+        dict.fromkeys(cpu, 0.0), cpu, generators=generators, sending=(seconds, generator_cpu),
+    )  # fmt: skip
     assert (run.generator_load, run.generator_bound) == (load, bound)
     assert (run.as_dict()["generator_load"], run.as_dict()["generator_bound"]) == (load, bound)
 
 
-def test_a_run_without_the_generators_cpu_is_not_generator_bound() -> None:
-    run = _run({"classroom": 1.0}, 1000)
+def test_a_run_without_the_generators_load_is_not_generator_bound() -> None:
+    run = _run({"classroom": 1.0, "generator": 5.0}, 1000)
     assert (run.generator_load, run.generator_bound) == (None, False)
 
 
 def _step(generator_cpu: float) -> scenarios.Run:
-    return dataclasses.replace(_run({"redis": 0.2, "generator": generator_cpu}, 1000), seconds=5.0)
+    return dataclasses.replace(
+        _run({"redis": 0.2, "generator": generator_cpu}, 1000), generator_load=generator_cpu / 5
+    )
 
 
 def test_a_ramp_stopped_by_a_busy_generator_is_the_generators_limit() -> None:
