@@ -13,7 +13,6 @@ calls, it never limits how much gets through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -240,9 +239,12 @@ class Publisher:
         due = self._pacer.due(now)
         if due > now and not self._hurry.is_set():
             self._counts.batches_delayed += 1
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(due - now):
-                    await self._hurry.wait()
+            # Whichever comes first: the window's end, or a reason not to wait for it.
+            timer = asyncio.get_running_loop().call_later(due - now, self._hurry.set)
+            try:
+                await self._hurry.wait()
+            finally:
+                timer.cancel()
         self._hurry.clear()
         if self._held:
             held, self._held = self._held, set()
