@@ -5,9 +5,10 @@ order the client produced them (a leave never overtakes the last message, a mess
 before ``/join`` lands in the room it was typed in). Consecutive messages go out in one
 script call per room, which is also what keeps Redis round trips per message low under load.
 A busy gateway (:mod:`gateway.batching`) also waits up to a window between two calls, so
-that each carries what came in meanwhile; never longer than it takes a call to fill up, or
-a client to reach the most it may have waiting (:meth:`Publisher.hurry`): the window saves
-calls, it never limits how much gets through.
+that each carries what came in meanwhile; never longer than it takes a call to fill up
+(:data:`MAX_BATCH`), so that the window saves calls without capping what a gateway gets
+through. One client still gets at most its limit of unpublished lines through per call
+(``gateway.session.MAX_UNPUBLISHED``): none can take a busy gateway's whole capacity.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Publisher:
         self._pacer = Pacer(batch_window, batch_rate)
         #: Clients whose input waits for the next batch: read just before it goes.
         self._held: set[Reader] = set()
-        #: Set when the next call should not wait for the window (:meth:`hurry`).
+        #: Set when the next call should not wait for the window: a call's worth is queued.
         self._hurry = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -130,11 +131,6 @@ class Publisher:
         self._push(_Message(sender, room, encode_message(name, text)))
         if len(self._queue) >= MAX_BATCH:
             self._hurry.set()  # a full call's worth: waiting would save nothing
-
-    def hurry(self) -> None:
-        """A sender can take in nothing more until its lines are published: the next call
-        goes now, not at the end of the batch window."""
-        self._hurry.set()
 
     def release(
         self, session_id: str, key: str, name: str, rooms: tuple[str, ...], owed: bool = True
@@ -239,7 +235,7 @@ class Publisher:
         due = self._pacer.due(now)
         if due > now and not self._hurry.is_set():
             self._counts.batches_delayed += 1
-            # Whichever comes first: the window's end, or a reason not to wait for it.
+            # Whichever comes first: the window's end, or a full call's worth queued.
             timer = asyncio.get_running_loop().call_later(due - now, self._hurry.set)
             try:
                 await self._hurry.wait()

@@ -493,9 +493,6 @@ class Gateway:
     def hold_input(self, session: Session) -> bool:
         return self.publisher.hold(session)
 
-    def hurry(self, session: Session) -> None:
-        self.publisher.hurry()
-
     # -- login ---------------------------------------------------------------------------
 
     def login(self, session: Session, name: str, key: str) -> None:

@@ -60,11 +60,6 @@ class Hub(Protocol):
         the next batch goes (then :meth:`Session.read_now` is called)."""
         ...
 
-    def hurry(self, session: Session) -> None:
-        """``session`` has all the lines it may have waiting: publish without waiting for
-        the batch window."""
-        ...
-
 
 class Session(asyncio.Protocol):
     """One client of the gateway: a TCP connection on its plain port, or on its TLS port
@@ -358,8 +353,6 @@ class Session(asyncio.Protocol):
             case MessageReceived(text=text):
                 self._unpublished += 1
                 self._hub.publish(self, text)
-                if self._unpublished == MAX_UNPUBLISHED:
-                    self._hub.hurry(self)
             case CommandRequested(request=request):
                 self._waiting = self._proto.state is State.MOVING
                 self._hub.command(self, request)

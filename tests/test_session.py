@@ -115,9 +115,6 @@ class FakeHub:
         """As a busy gateway's publisher does when ``holding``: input waits for its batch."""
         return self.holding
 
-    def hurry(self, session: Session) -> None:
-        self._record("hurry", session)
-
     def named(self, kind: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == kind]
 
@@ -363,13 +360,10 @@ def test_too_many_unpublished_lines_pause_reading_until_published() -> None:
     session.data_received(b"".join(b"line %d\n" % i for i in range(MAX_UNPUBLISHED - 1)))
     assert len(hub.named("publish")) == MAX_UNPUBLISHED - 1
     assert not transport.paused
-    assert hub.named("hurry") == []
     session.data_received(b"one more\n")
     assert len(hub.named("publish")) == MAX_UNPUBLISHED
     assert transport.paused
     assert transport.calls.count("pause_reading") == 1
-    # The gateway is told once: a batch window must not hold this client's lines back.
-    assert hub.named("hurry") == [("hurry", session)]
 
     session.published(True)
     assert not transport.paused
