@@ -342,7 +342,7 @@ def main(
         for target, sustained, by_generator in zip(targets, best_rates, limited, strict=True):
             who = f" ({target})" if compare else ""
             why = (
-                " (the load generator's limit, not the server's: see --generators)"
+                " (the load generator's limit, not the server's: see --generators, --check-every)"
                 if by_generator
                 else ""
             )

@@ -53,7 +53,8 @@ class Stats:
 
 
 class LoadClient(asyncio.Protocol):
-    """One benchmark connection: logs in, then counts and checks every line it receives."""
+    """One benchmark connection: logs in, then counts every line it receives and, if
+    ``checked``, checks its order and measures its latency."""
 
     __slots__ = ("_buffer", "_last", "checked", "name", "room", "stats", "transport", "welcomed")
 
